@@ -1,0 +1,766 @@
+//! The C ABI: plain `extern "C"` functions over [`Registry::global`].
+//!
+//! Every export checks its pointers, runs the safe API inside [`guard`] (which catches panics
+//! and records the calling thread's error message) and returns a status code. Nothing else lives
+//! here: no logic beyond argument checks and conversion.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, OsStr, c_char};
+use std::os::unix::ffi::OsStrExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::header::Meta;
+use crate::mapping::{CreateOptions, Kind};
+use crate::registry::Registry;
+
+/// Success.
+pub const ZCBUF_OK: i32 = 0;
+/// An argument was invalid (NULL pointer, bad name, unknown flag, shape that does not fit).
+pub const ZCBUF_EINVAL: i32 = 1;
+/// No such id, segment or file (or the id was freed).
+pub const ZCBUF_ENOTFOUND: i32 = 2;
+/// A segment or file by that name or path already exists.
+pub const ZCBUF_EEXIST: i32 = 3;
+/// Out of memory, shared memory or disk space.
+pub const ZCBUF_ENOMEM: i32 = 4;
+/// Permission denied by the operating system.
+pub const ZCBUF_EPERM: i32 = 5;
+/// A write was asked of something read-only.
+pub const ZCBUF_EREADONLY: i32 = 6;
+/// The segment or file is not a zcbuf buffer, is damaged, or has another header version.
+pub const ZCBUF_ECORRUPT: i32 = 7;
+/// Another I/O error.
+pub const ZCBUF_EIO: i32 = 8;
+/// A bug in zcbuf (a caught panic). The message says more.
+pub const ZCBUF_EINTERNAL: i32 = 9;
+
+/// Open flag: map the data read-only (`PROT_READ`).
+pub const ZCBUF_READ_ONLY: u32 = 1;
+/// Create flag: do not reserve pages at creation. Gives up the guarantee that a full /dev/shm
+/// or disk is an error at creation rather than a SIGBUS on a later write.
+pub const ZCBUF_NO_RESERVE: u32 = 2;
+/// Create flag: pre-fault the page tables at creation (`MAP_POPULATE`).
+pub const ZCBUF_POPULATE: u32 = 4;
+
+/// Backing kind: an anonymous private mapping.
+pub const ZCBUF_KIND_PRIVATE: u32 = 0;
+/// Backing kind: a named POSIX shared-memory segment.
+pub const ZCBUF_KIND_SHARED: u32 = 1;
+/// Backing kind: a memory-mapped file.
+pub const ZCBUF_KIND_FILE: u32 = 2;
+
+/// What `zcbuf_info` reports about a buffer.
+#[repr(C)]
+pub struct ZcbufInfo {
+    /// One of `ZCBUF_KIND_*`.
+    pub kind: u32,
+    /// 1 when mapped read-only, else 0.
+    pub readonly: u32,
+    /// Data length in bytes.
+    pub len: usize,
+    /// Bytes per element of the stored dtype (0 when untyped).
+    pub itemsize: u64,
+    /// Number of dimensions of the stored shape.
+    pub ndim: u32,
+    /// Length of the stored dtype string (0 when untyped).
+    pub dtype_len: u32,
+    /// Leases currently held on the buffer.
+    pub leases: u64,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn set_error(msg: String) {
+    LAST_ERROR.with(|e| *e.borrow_mut() = msg);
+}
+
+/// Runs `f`, catching panics; records the message of a failure for this thread.
+fn guard(f: impl FnOnce() -> Result<()>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => ZCBUF_OK,
+        Ok(Err(e)) => {
+            let code = e.code();
+            set_error(e.to_string());
+            code
+        }
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_error(format!(
+                "internal error: zcbuf panicked: {what} (please report it)"
+            ));
+            ZCBUF_EINTERNAL
+        }
+    }
+}
+
+fn null(what: &str) -> Error {
+    Error::InvalidArgument(format!("{what} is NULL"))
+}
+
+/// # Safety
+/// `p` is NULL or a NUL-terminated string valid for reads.
+unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(null(what));
+    }
+    // SAFETY: the caller guarantees a NUL-terminated string.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .map_err(|_| Error::InvalidArgument(format!("{what} is not valid UTF-8")))
+}
+
+/// # Safety
+/// `p` is NULL or a NUL-terminated string valid for reads.
+unsafe fn c_path<'a>(p: *const c_char, what: &str) -> Result<&'a Path> {
+    if p.is_null() {
+        return Err(null(what));
+    }
+    // SAFETY: the caller guarantees a NUL-terminated string.
+    let s = unsafe { CStr::from_ptr(p) };
+    Ok(Path::new(OsStr::from_bytes(s.to_bytes())))
+}
+
+/// Writes `v` through `out` after a NULL check.
+///
+/// # Safety
+/// `out` is NULL or valid for a write of `T`.
+unsafe fn put<T>(out: *mut T, v: T, what: &str) -> Result<()> {
+    if out.is_null() {
+        return Err(null(what));
+    }
+    // SAFETY: non-NULL, and the caller guarantees it is valid for writes.
+    unsafe { out.write(v) };
+    Ok(())
+}
+
+/// Copies `s` NUL-terminated into `buf` (truncated to `cap` bytes including the NUL) and
+/// returns its full length. `buf` may be NULL when `cap` is 0.
+///
+/// # Safety
+/// `buf` is valid for `cap` bytes of writes, or `cap` is 0.
+unsafe fn copy_out(s: &[u8], buf: *mut c_char, cap: usize) -> usize {
+    if !buf.is_null() && cap > 0 {
+        let n = s.len().min(cap - 1);
+        // SAFETY: `n + 1 <= cap` bytes are written into `buf`, which holds `cap` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(s.as_ptr(), buf.cast::<u8>(), n);
+            *buf.add(n) = 0;
+        }
+    }
+    s.len()
+}
+
+fn check_flags(flags: u32, allowed: u32) -> Result<()> {
+    if flags & !allowed != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "unknown flag bits 0x{:x}",
+            flags & !allowed
+        )));
+    }
+    Ok(())
+}
+
+fn reg() -> &'static Registry {
+    Registry::global()
+}
+
+/// Creates a private (anonymous, zero-filled) buffer of `len` bytes and writes its id to `out_id`.
+///
+/// A `len` of 0 is valid; one the system cannot provide gives `ZCBUF_ENOMEM`.
+///
+/// # Safety
+/// `out_id` must be NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_create(len: usize, out_id: *mut u64) -> i32 {
+    guard(|| {
+        if out_id.is_null() {
+            return Err(null("out_id"));
+        }
+        let id = reg().create(len, &CreateOptions::new())?;
+        // SAFETY: checked non-NULL above; the caller guarantees it is writable.
+        unsafe { put(out_id, id, "out_id") }
+    })
+}
+
+/// Creates a named POSIX shared-memory buffer of `len` data bytes (`O_EXCL`, mode 0600, pages
+/// reserved) and writes its id to `out_id`. With `name` NULL a name is generated (`zcbuf-` and
+/// 128 random bits); read it with `zcbuf_name`. Names: 1 to 200 bytes, no `/`.
+///
+/// # Safety
+/// `name` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_create_shared(
+    name: *const c_char,
+    len: usize,
+    out_id: *mut u64,
+) -> i32 {
+    guard(|| {
+        if out_id.is_null() {
+            return Err(null("out_id"));
+        }
+        let name = if name.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL, NUL-terminated by the caller's contract.
+            Some(unsafe { c_str(name, "name") }?)
+        };
+        let id = reg().create_shared(name, len, &CreateOptions::new())?;
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_id, id, "out_id") }
+    })
+}
+
+/// Opens a shared buffer by name, validating its header, and writes its id to `out_id`.
+/// `flags`: 0 or `ZCBUF_READ_ONLY`.
+///
+/// # Safety
+/// `name` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_open_shared(
+    name: *const c_char,
+    flags: u32,
+    out_id: *mut u64,
+) -> i32 {
+    guard(|| {
+        check_flags(flags, ZCBUF_READ_ONLY)?;
+        if out_id.is_null() {
+            return Err(null("out_id"));
+        }
+        // SAFETY: NULL-checked inside; NUL-terminated by the caller's contract.
+        let name = unsafe { c_str(name, "name") }?;
+        let id = reg().open_shared(name, flags & ZCBUF_READ_ONLY != 0)?;
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_id, id, "out_id") }
+    })
+}
+
+/// Creates a file-backed buffer of `len` data bytes at `path`, which must not exist (mode 0600,
+/// links not followed, pages reserved), and writes its id to `out_id`.
+///
+/// # Safety
+/// `path` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_create_file(
+    path: *const c_char,
+    len: usize,
+    out_id: *mut u64,
+) -> i32 {
+    guard(|| {
+        if out_id.is_null() {
+            return Err(null("out_id"));
+        }
+        // SAFETY: NULL-checked inside; NUL-terminated by the caller's contract.
+        let path = unsafe { c_path(path, "path") }?;
+        let id = reg().create_file(path, len, &CreateOptions::new())?;
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_id, id, "out_id") }
+    })
+}
+
+/// Opens a file made by zcbuf, validating its header, and writes its id to `out_id`.
+/// `flags`: 0 or `ZCBUF_READ_ONLY`.
+///
+/// # Safety
+/// `path` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_open_file(path: *const c_char, flags: u32, out_id: *mut u64) -> i32 {
+    guard(|| {
+        check_flags(flags, ZCBUF_READ_ONLY)?;
+        if out_id.is_null() {
+            return Err(null("out_id"));
+        }
+        // SAFETY: NULL-checked inside; NUL-terminated by the caller's contract.
+        let path = unsafe { c_path(path, "path") }?;
+        let id = reg().open_file(path, flags & ZCBUF_READ_ONLY != 0)?;
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_id, id, "out_id") }
+    })
+}
+
+/// Creates a buffer of any kind with a dtype and shape stored in it, and options.
+///
+/// `kind`: one of `ZCBUF_KIND_*`. `name_or_path`: the segment name (NULL: generated) or the file
+/// path; ignored for private buffers. `dtype`: NULL or "" for untyped, else a printable ASCII
+/// descriptor of at most 512 bytes with `itemsize` bytes per element; `shape` points to `ndim`
+/// (at most 64) dimensions whose product times `itemsize` must equal `len`. `flags`:
+/// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`.
+///
+/// # Safety
+/// Strings must be NULL or NUL-terminated; `shape` NULL or valid for `ndim` reads; `out_id`
+/// NULL or valid for a write.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn zcbuf_create_ex(
+    kind: u32,
+    name_or_path: *const c_char,
+    len: usize,
+    dtype: *const c_char,
+    itemsize: u64,
+    shape: *const u64,
+    ndim: u32,
+    flags: u32,
+    out_id: *mut u64,
+) -> i32 {
+    guard(|| {
+        check_flags(flags, ZCBUF_NO_RESERVE | ZCBUF_POPULATE)?;
+        if out_id.is_null() {
+            return Err(null("out_id"));
+        }
+        let dtype = if dtype.is_null() {
+            ""
+        } else {
+            // SAFETY: non-NULL, NUL-terminated by the caller's contract.
+            unsafe { c_str(dtype, "dtype") }?
+        };
+        if ndim as usize > crate::header::MAX_NDIM {
+            return Err(Error::InvalidArgument(format!(
+                "ndim {ndim} exceeds {}",
+                crate::header::MAX_NDIM
+            )));
+        }
+        let dims: &[u64] = if ndim == 0 {
+            &[]
+        } else if shape.is_null() {
+            return Err(null("shape"));
+        } else {
+            // SAFETY: non-NULL and valid for `ndim` reads by the caller's contract.
+            unsafe { std::slice::from_raw_parts(shape, ndim as usize) }
+        };
+        let meta = if dtype.is_empty() {
+            if !dims.is_empty() || itemsize != 0 {
+                return Err(Error::InvalidArgument(
+                    "a shape or item size was given without a dtype".into(),
+                ));
+            }
+            Meta::untyped()
+        } else {
+            Meta::typed(dtype, itemsize, dims)?
+        };
+        let opts = CreateOptions::new()
+            .meta(meta)
+            .reserve(flags & ZCBUF_NO_RESERVE == 0)
+            .populate(flags & ZCBUF_POPULATE != 0);
+        let id = match kind {
+            ZCBUF_KIND_PRIVATE => reg().create(len, &opts)?,
+            ZCBUF_KIND_SHARED => {
+                let name = if name_or_path.is_null() {
+                    None
+                } else {
+                    // SAFETY: non-NULL, NUL-terminated by the caller's contract.
+                    Some(unsafe { c_str(name_or_path, "name") }?)
+                };
+                reg().create_shared(name, len, &opts)?
+            }
+            ZCBUF_KIND_FILE => {
+                // SAFETY: NULL-checked inside; NUL-terminated by the caller's contract.
+                let path = unsafe { c_path(name_or_path, "path") }?;
+                reg().create_file(path, len, &opts)?
+            }
+            k => return Err(Error::InvalidArgument(format!("unknown buffer kind {k}"))),
+        };
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_id, id, "out_id") }
+    })
+}
+
+/// Takes a lease on `id`: writes its data address to `out_ptr` and its length to `out_len`.
+/// The memory stays mapped, even across `zcbuf_free`, until the matching `zcbuf_release`.
+/// A zero-length buffer gives a non-NULL address that must not be dereferenced.
+///
+/// # Safety
+/// `out_ptr` and `out_len` must be NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_acquire(id: u64, out_ptr: *mut *mut u8, out_len: *mut usize) -> i32 {
+    guard(|| {
+        if out_ptr.is_null() {
+            return Err(null("out_ptr"));
+        }
+        if out_len.is_null() {
+            return Err(null("out_len"));
+        }
+        let (p, n) = reg().acquire(id)?;
+        // SAFETY: both checked non-NULL above; the caller guarantees they are writable.
+        unsafe {
+            out_ptr.write(p.as_ptr());
+            out_len.write(n);
+        }
+        Ok(())
+    })
+}
+
+/// Gives back one lease on `id` (also after `zcbuf_free`); the last lease of a freed buffer
+/// unmaps it. Releasing more often than acquiring gives `ZCBUF_EINVAL`.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_release(id: u64) -> i32 {
+    guard(|| reg().release(id))
+}
+
+/// Writes the data length of `id` to `out_len`.
+///
+/// # Safety
+/// `out_len` must be NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_size(id: u64, out_len: *mut usize) -> i32 {
+    guard(|| {
+        if out_len.is_null() {
+            return Err(null("out_len"));
+        }
+        let n = reg().size(id)?;
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_len, n, "out_len") }
+    })
+}
+
+/// Copies the name of shared buffer `id` into `buf` (NUL-terminated, truncated to `cap` bytes)
+/// and writes its full length (without the NUL) to `out_len`. `buf` may be NULL if `cap` is 0.
+/// Other backings give `ZCBUF_EINVAL`.
+///
+/// # Safety
+/// `buf` must be valid for `cap` bytes of writes (or `cap` 0); `out_len` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_name(
+    id: u64,
+    buf: *mut c_char,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    guard(|| {
+        if out_len.is_null() {
+            return Err(null("out_len"));
+        }
+        if buf.is_null() && cap > 0 {
+            return Err(null("buf"));
+        }
+        let name = reg().name(id)?.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "buffer id {id} is not a shared buffer: it has no name"
+            ))
+        })?;
+        // SAFETY: `buf` holds `cap` bytes (or cap is 0); `out_len` checked non-NULL.
+        unsafe {
+            let n = copy_out(name.as_bytes(), buf, cap);
+            put(out_len, n, "out_len")
+        }
+    })
+}
+
+/// Copies the path of file buffer `id` into `buf`, like `zcbuf_name`. Other backings give
+/// `ZCBUF_EINVAL`.
+///
+/// # Safety
+/// As `zcbuf_name`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_path(
+    id: u64,
+    buf: *mut c_char,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    guard(|| {
+        if out_len.is_null() {
+            return Err(null("out_len"));
+        }
+        if buf.is_null() && cap > 0 {
+            return Err(null("buf"));
+        }
+        let info = reg().info(id)?;
+        let path = info.path.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "buffer id {id} is not a file buffer: it has no path"
+            ))
+        })?;
+        // SAFETY: `buf` holds `cap` bytes (or cap is 0); `out_len` checked non-NULL.
+        unsafe {
+            let n = copy_out(path.as_os_str().as_bytes(), buf, cap);
+            put(out_len, n, "out_len")
+        }
+    })
+}
+
+/// Fills `out` with the kind, length, read-only flag, dtype and shape sizes and lease count.
+///
+/// # Safety
+/// `out` must be NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_info(id: u64, out: *mut ZcbufInfo) -> i32 {
+    guard(|| {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let i = reg().info(id)?;
+        let v = ZcbufInfo {
+            kind: match i.kind {
+                Kind::Private => ZCBUF_KIND_PRIVATE,
+                Kind::Shared => ZCBUF_KIND_SHARED,
+                Kind::File => ZCBUF_KIND_FILE,
+            },
+            readonly: u32::from(i.readonly),
+            len: i.len,
+            itemsize: i.meta.itemsize,
+            ndim: i.meta.shape.len() as u32,
+            dtype_len: i.meta.dtype.len() as u32,
+            leases: i.leases,
+        };
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out, v, "out") }
+    })
+}
+
+/// Copies the stored dtype string of `id` into `buf`, like `zcbuf_name` ("" when untyped).
+///
+/// # Safety
+/// As `zcbuf_name`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_dtype(
+    id: u64,
+    buf: *mut c_char,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    guard(|| {
+        if out_len.is_null() {
+            return Err(null("out_len"));
+        }
+        if buf.is_null() && cap > 0 {
+            return Err(null("buf"));
+        }
+        let i = reg().info(id)?;
+        // SAFETY: `buf` holds `cap` bytes (or cap is 0); `out_len` checked non-NULL.
+        unsafe {
+            let n = copy_out(i.meta.dtype.as_bytes(), buf, cap);
+            put(out_len, n, "out_len")
+        }
+    })
+}
+
+/// Copies up to `cap` dimensions of the stored shape of `id` into `out_shape` and writes the
+/// number of dimensions to `out_ndim`.
+///
+/// # Safety
+/// `out_shape` must be valid for `cap` writes (or `cap` 0); `out_ndim` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_shape(
+    id: u64,
+    out_shape: *mut u64,
+    cap: u32,
+    out_ndim: *mut u32,
+) -> i32 {
+    guard(|| {
+        if out_ndim.is_null() {
+            return Err(null("out_ndim"));
+        }
+        if out_shape.is_null() && cap > 0 {
+            return Err(null("out_shape"));
+        }
+        let i = reg().info(id)?;
+        let n = i.meta.shape.len().min(cap as usize);
+        // SAFETY: `out_shape` holds `cap >= n` elements; `out_ndim` checked non-NULL.
+        unsafe {
+            if n > 0 {
+                std::ptr::copy_nonoverlapping(i.meta.shape.as_ptr(), out_shape, n);
+            }
+            put(out_ndim, i.meta.shape.len() as u32, "out_ndim")
+        }
+    })
+}
+
+/// Writes a file buffer's data to disk now (msync); a no-op for other backings.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_flush(id: u64) -> i32 {
+    guard(|| reg().flush(id))
+}
+
+/// Retires `id` at once (later calls on it give `ZCBUF_ENOTFOUND`, so does a second free); the
+/// memory is unmapped when its last lease is released. A file buffer is flushed to disk; a shared
+/// buffer's name is removed when no live process holds it any more.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_free(id: u64) -> i32 {
+    guard(|| reg().free(id))
+}
+
+/// Removes the name of a shared-memory segment now, whoever holds it (their mappings stay valid).
+///
+/// # Safety
+/// `name` must be NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_unlink(name: *const c_char) -> i32 {
+    guard(|| {
+        // SAFETY: NULL-checked inside; NUL-terminated by the caller's contract.
+        let name = unsafe { c_str(name, "name") }?;
+        crate::shm::unlink(name)
+    })
+}
+
+/// Reaps dead holders of every zcbuf segment in /dev/shm and removes the segments no live
+/// process holds. Writes the removed names, one per line, into `buf` (NUL-terminated, truncated
+/// to `cap`), their full length to `out_len` and their number to `out_count`. `buf` may be NULL
+/// when `cap` is 0; `out_len` and `out_count` may be NULL.
+///
+/// # Safety
+/// `buf` must be valid for `cap` bytes of writes (or `cap` 0); the out-pointers NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_gc(
+    buf: *mut c_char,
+    cap: usize,
+    out_len: *mut usize,
+    out_count: *mut usize,
+) -> i32 {
+    guard(|| {
+        if buf.is_null() && cap > 0 {
+            return Err(null("buf"));
+        }
+        let removed = crate::gc::gc()?;
+        let text = removed.join("\n");
+        // SAFETY: `buf` holds `cap` bytes (or cap is 0); out-pointers are NULL-checked.
+        unsafe {
+            let n = copy_out(text.as_bytes(), buf, cap);
+            if !out_len.is_null() {
+                out_len.write(n);
+            }
+            if !out_count.is_null() {
+                out_count.write(removed.len());
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Lists the zcbuf segments in /dev/shm as text, one per line, fields separated by tabs:
+/// name, data length, dtype, shape (dimensions joined by `,`), live holders, dead holders,
+/// creation time (ns since the epoch), creator pid, and a problem ("" when the header is valid).
+/// Copied into `buf` like `zcbuf_name`; `out_len` gets the full length.
+///
+/// # Safety
+/// `buf` must be valid for `cap` bytes of writes (or `cap` 0); `out_len` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_list(buf: *mut c_char, cap: usize, out_len: *mut usize) -> i32 {
+    guard(|| {
+        if out_len.is_null() {
+            return Err(null("out_len"));
+        }
+        if buf.is_null() && cap > 0 {
+            return Err(null("buf"));
+        }
+        let mut text = String::new();
+        for s in crate::gc::list()? {
+            let shape: Vec<String> = s.meta.shape.iter().map(u64::to_string).collect();
+            let problem = s.problem.unwrap_or_default().replace(['\t', '\n'], " ");
+            text.push_str(&format!(
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                s.name,
+                s.len,
+                s.meta.dtype,
+                shape.join(","),
+                s.alive,
+                s.dead,
+                s.created_ns,
+                s.creator_pid,
+                problem
+            ));
+        }
+        // SAFETY: `buf` holds `cap` bytes (or cap is 0); `out_len` checked non-NULL.
+        unsafe {
+            let n = copy_out(text.as_bytes(), buf, cap);
+            put(out_len, n, "out_len")
+        }
+    })
+}
+
+/// Copies this thread's last error message into `buf` (NUL-terminated, truncated to `cap`
+/// bytes) and returns its full length. Meaningful after a call returned a nonzero status.
+/// `buf` may be NULL when `cap` is 0.
+///
+/// # Safety
+/// `buf` must be valid for `cap` bytes of writes, or `cap` 0.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_last_error(buf: *mut c_char, cap: usize) -> usize {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        LAST_ERROR.with(|e| {
+            let e = e.borrow();
+            // SAFETY: the caller guarantees `buf` holds `cap` bytes (or cap is 0).
+            unsafe { copy_out(e.as_bytes(), buf, cap) }
+        })
+    }));
+    r.unwrap_or(0)
+}
+
+/// A static, NUL-terminated name for a status code (e.g. "not found"); never NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_status_name(status: i32) -> *const c_char {
+    let s: &'static CStr = match status {
+        ZCBUF_OK => c"ok",
+        ZCBUF_EINVAL => c"invalid argument",
+        ZCBUF_ENOTFOUND => c"not found",
+        ZCBUF_EEXIST => c"already exists",
+        ZCBUF_ENOMEM => c"out of memory or space",
+        ZCBUF_EPERM => c"permission denied",
+        ZCBUF_EREADONLY => c"read-only",
+        ZCBUF_ECORRUPT => c"corrupt or incompatible",
+        ZCBUF_EIO => c"I/O error",
+        ZCBUF_EINTERNAL => c"internal error",
+        _ => c"unknown status",
+    };
+    s.as_ptr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        let mut buf = vec![0 as c_char; 512];
+        // SAFETY: buf holds 512 bytes.
+        let n = unsafe { zcbuf_last_error(buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: zcbuf_last_error NUL-terminates within cap.
+        let s = unsafe { CStr::from_ptr(buf.as_ptr()) };
+        assert_eq!(n.min(511), s.to_bytes().len());
+        s.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn null_out_pointers_are_invalid_arguments() {
+        // SAFETY: NULLs are what is being tested; the functions must reject them.
+        unsafe {
+            assert_eq!(zcbuf_create(10, std::ptr::null_mut()), ZCBUF_EINVAL);
+            assert!(last_error().contains("out_id is NULL"));
+            let mut id = 0;
+            assert_eq!(zcbuf_create(10, &mut id), ZCBUF_OK);
+            assert_eq!(
+                zcbuf_acquire(id, std::ptr::null_mut(), std::ptr::null_mut()),
+                ZCBUF_EINVAL
+            );
+            assert_eq!(
+                zcbuf_open_shared(std::ptr::null(), 0, &mut id),
+                ZCBUF_EINVAL
+            );
+            assert_eq!(zcbuf_open_shared(c"x".as_ptr(), 8, &mut id), ZCBUF_EINVAL);
+            assert!(last_error().contains("unknown flag"));
+            assert_eq!(zcbuf_free(id), ZCBUF_OK);
+        }
+    }
+
+    #[test]
+    fn status_names() {
+        // SAFETY: zcbuf_status_name returns a static NUL-terminated string.
+        let s = unsafe { CStr::from_ptr(zcbuf_status_name(ZCBUF_ENOTFOUND)) };
+        assert_eq!(s.to_str().unwrap(), "not found");
+        // SAFETY: as above.
+        let s = unsafe { CStr::from_ptr(zcbuf_status_name(-5)) };
+        assert_eq!(s.to_str().unwrap(), "unknown status");
+    }
+
+    #[test]
+    fn panics_do_not_cross() {
+        let code = guard(|| panic!("boom"));
+        assert_eq!(code, ZCBUF_EINTERNAL);
+        assert!(last_error().contains("boom"));
+    }
+}

@@ -1,0 +1,467 @@
+//! A mapped buffer of any backing: the memory a registry entry owns.
+//!
+//! Shared and file buffers are two mappings of one object: the header pages (always read-write,
+//! for the holder table) and the data pages (read-only when opened read-only). Private buffers are
+//! one anonymous mapping. Memory is never moved after creation; it is unmapped only when the
+//! [`Mapped`] is dropped, which the registry does after the last lease is released.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{Error, Result};
+use crate::header::{self, HEADER_LEN, Meta, Parsed};
+use crate::holders::{ClaimError, Table};
+
+/// Which kind of memory backs a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Kind {
+    /// An anonymous private mapping, visible to this process only.
+    Private = 0,
+    /// A named POSIX shared-memory segment.
+    Shared = 1,
+    /// A memory-mapped file.
+    File = 2,
+}
+
+/// Options for creating a buffer.
+///
+/// ```
+/// let opts = zcbuf::CreateOptions::new().populate(true);
+/// assert!(opts.reserve);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// The dtype and shape to store with the buffer.
+    pub meta: Meta,
+    /// Reserve the pages at creation (`fallocate`) so that a full /dev/shm or disk is an error
+    /// now rather than a SIGBUS on first write. Default true; turning it off gives up that
+    /// guarantee.
+    pub reserve: bool,
+    /// Pre-fault the page tables at creation (`MAP_POPULATE`), moving the first-touch page-fault
+    /// cost out of the first write. Default false.
+    pub populate: bool,
+}
+
+impl CreateOptions {
+    /// Defaults: untyped, pages reserved, not pre-faulted.
+    pub fn new() -> Self {
+        CreateOptions {
+            meta: Meta::untyped(),
+            reserve: true,
+            populate: false,
+        }
+    }
+    /// Sets the dtype and shape.
+    pub fn meta(mut self, meta: Meta) -> Self {
+        self.meta = meta;
+        self
+    }
+    /// Sets [`CreateOptions::reserve`].
+    pub fn reserve(mut self, yes: bool) -> Self {
+        self.reserve = yes;
+        self
+    }
+    /// Sets [`CreateOptions::populate`].
+    pub fn populate(mut self, yes: bool) -> Self {
+        self.populate = yes;
+        self
+    }
+}
+
+pub(crate) enum Origin {
+    Private,
+    Shared { name: String, created: bool },
+    File { path: PathBuf },
+}
+
+/// The memory of one buffer.
+pub(crate) struct Mapped {
+    header: Option<MmapRaw>,
+    data: Option<MmapRaw>,
+    len: usize,
+    readonly: bool,
+    origin: Origin,
+    /// The holder slot this mapping claimed, or [`NO_SLOT`].
+    holder_slot: AtomicUsize,
+    meta: Meta,
+}
+
+const NO_SLOT: usize = usize::MAX;
+
+/// A dangling-but-aligned address for zero-length buffers (never dereferenced).
+fn empty_ptr() -> NonNull<u8> {
+    NonNull::<u64>::dangling().cast()
+}
+
+pub(crate) fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+fn too_big(len: usize) -> Error {
+    Error::OutOfMemory(format!(
+        "{len} bytes cannot be mapped in this process's address space: ask for a smaller buffer"
+    ))
+}
+
+/// Free bytes on the file system holding `fd`, for error messages.
+fn free_bytes(file: &File) -> Option<u64> {
+    let s = rustix::fs::fstatvfs(file).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+pub(crate) fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Reserves `total` bytes of backing store for `file`, so later writes cannot fault.
+fn reserve(file: &File, total: u64, where_: &str, remedy: &str) -> Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, total) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOSPC) | Err(rustix::io::Errno::FBIG) => {
+            let free = free_bytes(file)
+                .map(human)
+                .unwrap_or_else(|| "unknown".into());
+            Err(Error::OutOfMemory(format!(
+                "{where_} has {free} free; {} requested: {remedy}",
+                human(total)
+            )))
+        }
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            // No fallocate here (some network file systems): size the file and write one zero
+            // byte per block, which allocates it, as posix_fallocate does.
+            file.set_len(total)
+                .map_err(|e| Error::from_io(&format!("resize {where_}"), &e))?;
+            let step = 4096u64;
+            let mut off = 0;
+            while off < total {
+                file.write_all_at(&[0], off)
+                    .map_err(|e| Error::from_io(&format!("reserve {where_}"), &e))?;
+                off += step;
+            }
+            Ok(())
+        }
+        Err(e) => Err(Error::from_errno(&format!("reserve space in {where_}"), e)),
+    }
+}
+
+impl Mapped {
+    /// An anonymous private buffer.
+    pub(crate) fn private(len: usize, opts: &CreateOptions) -> Result<Mapped> {
+        opts.meta.check_len(len as u64)?;
+        let data = if len == 0 {
+            None
+        } else {
+            if len > isize::MAX as usize {
+                return Err(too_big(len));
+            }
+            let mut mo = MmapOptions::new();
+            mo.len(len);
+            if opts.populate {
+                mo.populate();
+            }
+            let m = mo.map_anon().map_err(|e| {
+                if e.raw_os_error() == Some(rustix::io::Errno::NOMEM.raw_os_error()) {
+                    too_big(len)
+                } else {
+                    Error::from_io(&format!("map {len} anonymous bytes"), &e)
+                }
+            })?;
+            Some(MmapRaw::from(m))
+        };
+        Ok(Mapped {
+            header: None,
+            data,
+            len,
+            readonly: false,
+            origin: Origin::Private,
+            holder_slot: AtomicUsize::new(NO_SLOT),
+            meta: opts.meta.clone(),
+        })
+    }
+
+    /// Lays out a new segment or file in `file` (freshly created, empty, exclusively ours):
+    /// reserves, maps, writes the header and publishes it.
+    pub(crate) fn init_new(
+        file: &File,
+        len: usize,
+        opts: &CreateOptions,
+        origin: Origin,
+        where_: &str,
+        remedy: &str,
+    ) -> Result<Mapped> {
+        opts.meta.check_len(len as u64)?;
+        let page = page_size();
+        let off = header::data_offset_for(page);
+        let total = off
+            .checked_add(len)
+            .filter(|t| *t <= isize::MAX as usize)
+            .ok_or_else(|| too_big(len))?;
+        if opts.reserve {
+            reserve(file, total as u64, where_, remedy)?;
+        } else {
+            file.set_len(total as u64)
+                .map_err(|e| Error::from_io(&format!("resize {where_}"), &e))?;
+        }
+        let hdr = MmapOptions::new()
+            .len(off)
+            .map_raw(file)
+            .map_err(|e| Error::from_io(&format!("map the header of {where_}"), &e))?;
+        let data = Self::map_data(file, off as u64, len, false, opts.populate, where_)?;
+        let mut enc = vec![0u8; HEADER_LEN];
+        header::encode(
+            &mut enc,
+            off as u64,
+            len as u64,
+            &opts.meta,
+            std::process::id(),
+        );
+        let shared = matches!(origin, Origin::Shared { .. });
+        let mut m = Mapped {
+            header: Some(hdr),
+            data,
+            len,
+            readonly: false,
+            origin,
+            holder_slot: AtomicUsize::new(NO_SLOT),
+            meta: opts.meta.clone(),
+        };
+        if shared {
+            match m.table().map(|t| t.claim()) {
+                Some(Ok(slot)) => *m.holder_slot.get_mut() = slot,
+                Some(Err(ClaimError::Other(e))) => return Err(e),
+                // A brand-new segment cannot be closing.
+                Some(Err(ClaimError::Closing)) | None => {
+                    return Err(Error::Internal("new segment is closing".into()));
+                }
+            }
+        }
+        let base = m.header_ptr().expect("header mapped");
+        // SAFETY: the header mapping is `off >= HEADER_LEN` bytes, writable, page-aligned, and
+        // lives as long as `m`.
+        unsafe { header::publish(base, &enc) };
+        Ok(m)
+    }
+
+    fn map_data(
+        file: &File,
+        off: u64,
+        len: usize,
+        readonly: bool,
+        populate: bool,
+        where_: &str,
+    ) -> Result<Option<MmapRaw>> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let mut mo = MmapOptions::new();
+        mo.offset(off).len(len);
+        if populate {
+            mo.populate();
+        }
+        let r = if readonly {
+            mo.map_raw_read_only(file)
+        } else {
+            mo.map_raw(file)
+        };
+        r.map(Some)
+            .map_err(|e| Error::from_io(&format!("map {len} data bytes of {where_}"), &e))
+    }
+
+    /// Maps an existing segment or file after validating its header against its real size.
+    /// `header_writable`: map the header pages read-write (needed to join the holder table).
+    pub(crate) fn open_existing(
+        file: &File,
+        readonly: bool,
+        header_writable: bool,
+        origin: Origin,
+        where_: &str,
+    ) -> std::result::Result<Mapped, OpenError> {
+        let page = page_size();
+        let parsed = read_header(file, page, where_, true).map_err(OpenError::Other)?;
+        let off = parsed.data_offset as usize;
+        let len = usize::try_from(parsed.data_len)
+            .ok()
+            .filter(|l| {
+                off.checked_add(*l)
+                    .is_some_and(|t| t <= isize::MAX as usize)
+            })
+            .ok_or_else(|| OpenError::Other(too_big(parsed.data_len as usize)))?;
+        let mut mo = MmapOptions::new();
+        mo.len(off);
+        let hdr = if header_writable {
+            mo.map_raw(file)
+        } else {
+            mo.map_raw_read_only(file)
+        }
+        .map_err(|e| {
+            OpenError::Other(Error::from_io(&format!("map the header of {where_}"), &e))
+        })?;
+        let data = Self::map_data(file, off as u64, len, readonly, false, where_)
+            .map_err(OpenError::Other)?;
+        let shared = matches!(origin, Origin::Shared { .. });
+        let mut m = Mapped {
+            header: Some(hdr),
+            data,
+            len,
+            readonly,
+            origin,
+            holder_slot: AtomicUsize::new(NO_SLOT),
+            meta: parsed.meta,
+        };
+        if shared && header_writable {
+            match m.table().expect("header mapped").claim() {
+                Ok(slot) => *m.holder_slot.get_mut() = slot,
+                Err(ClaimError::Closing) => return Err(OpenError::Closing),
+                Err(ClaimError::Other(e)) => return Err(OpenError::Other(e)),
+            }
+        }
+        Ok(m)
+    }
+
+    /// The data address (a dangling aligned address for zero-length buffers).
+    pub(crate) fn data_ptr(&self) -> NonNull<u8> {
+        match &self.data {
+            Some(m) => NonNull::new(m.as_mut_ptr()).unwrap_or_else(empty_ptr),
+            None => empty_ptr(),
+        }
+    }
+
+    fn header_ptr(&self) -> Option<*mut u8> {
+        self.header.as_ref().map(|h| h.as_mut_ptr())
+    }
+
+    fn table(&self) -> Option<Table> {
+        let h = self.header.as_ref()?;
+        // SAFETY: the header mapping is at least HEADER_LEN bytes, page-aligned and lives as
+        // long as `self`; callers use the table only while borrowing `self`. It is only written
+        // through when mapped writable (holder slots are claimed only then).
+        Some(unsafe { Table::new(h.as_mut_ptr()) })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    pub(crate) fn readonly(&self) -> bool {
+        self.readonly
+    }
+    pub(crate) fn meta(&self) -> &Meta {
+        &self.meta
+    }
+    pub(crate) fn kind(&self) -> Kind {
+        match self.origin {
+            Origin::Private => Kind::Private,
+            Origin::Shared { .. } => Kind::Shared,
+            Origin::File { .. } => Kind::File,
+        }
+    }
+    pub(crate) fn name(&self) -> Option<&str> {
+        match &self.origin {
+            Origin::Shared { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+    pub(crate) fn path(&self) -> Option<&Path> {
+        match &self.origin {
+            Origin::File { path } => Some(path),
+            _ => None,
+        }
+    }
+    pub(crate) fn created_here(&self) -> bool {
+        matches!(self.origin, Origin::Shared { created: true, .. })
+    }
+
+    /// Writes a file buffer's data and header to disk (msync). A no-op for other backings.
+    pub(crate) fn flush(&self) -> Result<()> {
+        if self.readonly || !matches!(self.origin, Origin::File { .. }) {
+            return Ok(());
+        }
+        let what = || format!("flush {}", self.path().unwrap_or(Path::new("?")).display());
+        if let Some(d) = &self.data {
+            d.flush().map_err(|e| Error::from_io(&what(), &e))?;
+        }
+        if let Some(h) = &self.header {
+            h.flush().map_err(|e| Error::from_io(&what(), &e))?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the holder table (shared buffers) and removes the name when this was the last
+    /// live holder. Idempotent. Returns true when the name was removed.
+    pub(crate) fn leave(&self) -> bool {
+        let slot = self.holder_slot.swap(NO_SLOT, Ordering::AcqRel);
+        if slot == NO_SLOT {
+            return false;
+        }
+        let Some(t) = self.table() else { return false };
+        t.release(slot);
+        if t.try_close() {
+            if let Some(name) = self.name() {
+                let _ = crate::shm::unlink(name);
+            }
+            return true;
+        }
+        false
+    }
+}
+
+/// Why an open did not succeed.
+pub(crate) enum OpenError {
+    /// The segment is being removed by its last holder; retry.
+    Closing,
+    Other(Error),
+}
+
+impl Drop for Mapped {
+    /// Policy: a file buffer is flushed to disk; a shared buffer leaves the holder table (removing
+    /// the name if it was the last live holder); then the mappings are unmapped.
+    fn drop(&mut self) {
+        let _ = self.flush();
+        self.leave();
+    }
+}
+
+/// Reads and validates the header of `file`, waiting briefly for a creator that is still
+/// writing it (the magic is published last).
+pub(crate) fn read_header(file: &File, page: usize, where_: &str, wait: bool) -> Result<Parsed> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    loop {
+        let size = file
+            .metadata()
+            .map_err(|e| Error::from_io(&format!("stat {where_}"), &e))?
+            .len();
+        let mut buf = vec![0u8; HEADER_LEN];
+        let got = if size >= HEADER_LEN as u64 {
+            file.read_exact_at(&mut buf, 0)
+                .map(|_| HEADER_LEN)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let r = header::parse(&buf[..got], size, page, where_);
+        let young = buf[..8].iter().all(|b| *b == 0);
+        match r {
+            Err(Error::Corrupt(_)) if wait && young && std::time::Instant::now() < deadline => {
+                // Possibly a creator between shm_open and publishing the header.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            other => return other,
+        }
+    }
+}

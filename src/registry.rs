@@ -1,0 +1,446 @@
+//! The registry: `u64` ids for buffers, and lock-guarded leases on their memory.
+//!
+//! # The lease protocol
+//! Every entry has a lease count and a *retired* flag, both changed only under its shard's mutex.
+//! * `acquire(id)`: under the lock, fail unless the entry exists and is not retired; add one
+//!   lease; hand out the data address.
+//! * `release(id)`: under the lock, fail unless a lease is held; remove one; if that was the last
+//!   lease of a retired entry, take the entry out of the map. Its memory is unmapped after the
+//!   lock is dropped, when the last `Arc` to it goes.
+//! * `free(id)`: under the lock, fail if absent or already retired; mark it retired (every later
+//!   `acquire`/`free` fails with not-found); if no lease is held, take it out of the map.
+//!
+//! A pointer is handed out only with a lease, and memory is unmapped only once an entry is out of
+//! the map, which happens only when it is retired with no lease: so no interleaving of these
+//! calls, from any number of threads, unmaps memory under a held lease.
+//!
+//! Ids are never 0 and never reused (a 64-bit counter), so a stale id cannot reach another buffer.
+//! Entries are spread over [`SHARDS`] independently locked maps by id, so threads working on
+//! different buffers do not contend.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::header::Meta;
+use crate::mapping::{CreateOptions, Kind, Mapped};
+
+/// Number of independently locked shards.
+pub const SHARDS: usize = 64;
+
+/// A cheap, well-mixed hash for sequential `u64` ids.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, id: u64) {
+        // Drop the shard bits, then a multiplicative mix folded so low and high bits both vary.
+        let h = (id / SHARDS as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
+    }
+}
+
+type Map = HashMap<u64, Entry, BuildHasherDefault<IdHasher>>;
+
+struct Entry {
+    mapped: Arc<Mapped>,
+    /// Cached data address (as an integer so the entry is `Send`).
+    addr: usize,
+    len: usize,
+    leases: u64,
+    retired: bool,
+}
+
+/// One shard, on its own cache lines so shards do not false-share.
+#[repr(align(128))]
+struct Shard(Mutex<Map>);
+
+/// What a registry knows about one buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    /// The backing.
+    pub kind: Kind,
+    /// Data length in bytes.
+    pub len: usize,
+    /// Mapped read-only.
+    pub readonly: bool,
+    /// The segment name (shared buffers).
+    pub name: Option<String>,
+    /// The file path (file buffers).
+    pub path: Option<PathBuf>,
+    /// dtype and shape.
+    pub meta: Meta,
+    /// Leases currently held.
+    pub leases: u64,
+}
+
+/// A table of buffers with lock-guarded leases.
+///
+/// Most programs use the process-wide [`Registry::global`], which the C ABI and the Python
+/// package share; tests and libraries may make their own.
+///
+/// ```
+/// use zcbuf::{Registry, CreateOptions};
+/// let reg = Registry::new();
+/// let id = reg.create(4096, &CreateOptions::new()).unwrap();
+/// {
+///     let lease = reg.lease(id).unwrap();
+///     lease.write_at(0, b"hello").unwrap();
+///     reg.free(id).unwrap();          // retired at once...
+///     let mut out = [0u8; 5];
+///     lease.read_at(0, &mut out).unwrap();
+///     assert_eq!(&out, b"hello");     // ...but mapped while the lease lives
+/// }
+/// assert!(reg.acquire(id).is_err());
+/// ```
+pub struct Registry {
+    shards: Box<[Shard]>,
+    next_id: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static GLOBAL: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+fn not_found(id: u64) -> Error {
+    Error::NotFound(format!(
+        "buffer id {id} is not live (never created in this process, or already freed)"
+    ))
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry {
+            shards: (0..SHARDS)
+                .map(|_| Shard(Mutex::new(Map::default())))
+                .collect(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The process-wide registry used by the C ABI and Python.
+    pub fn global() -> &'static Registry {
+        &GLOBAL
+    }
+
+    fn shard(&self, id: u64) -> MutexGuard<'_, Map> {
+        // No code panics while holding a shard lock, so a poisoned lock still guards a
+        // consistent map: recover it rather than failing every later call.
+        self.shards[(id % SHARDS as u64) as usize]
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, mapped: Mapped) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry {
+            addr: mapped.data_ptr().as_ptr() as usize,
+            len: mapped.len(),
+            mapped: Arc::new(mapped),
+            leases: 0,
+            retired: false,
+        };
+        self.shard(id).insert(id, entry);
+        id
+    }
+
+    /// Creates a private (anonymous) buffer of `len` bytes, zero-filled.
+    pub fn create(&self, len: usize, opts: &CreateOptions) -> Result<u64> {
+        Ok(self.insert(Mapped::private(len, opts)?))
+    }
+
+    /// Creates a named shared-memory buffer of `len` data bytes (`O_EXCL`, mode 0600). With no
+    /// name, a fresh one (`zcbuf-` + 128 random bits) is generated; read it with
+    /// [`Registry::name`].
+    pub fn create_shared(
+        &self,
+        name: Option<&str>,
+        len: usize,
+        opts: &CreateOptions,
+    ) -> Result<u64> {
+        Ok(self.insert(crate::shm::create(name, len, opts)?))
+    }
+
+    /// Opens a shared buffer by name (from any process of the same user), validating its header.
+    pub fn open_shared(&self, name: &str, readonly: bool) -> Result<u64> {
+        Ok(self.insert(crate::shm::open(name, readonly)?))
+    }
+
+    /// Creates a file-backed buffer at `path`, which must not exist (mode 0600; links are not
+    /// followed).
+    pub fn create_file(
+        &self,
+        path: impl AsRef<Path>,
+        len: usize,
+        opts: &CreateOptions,
+    ) -> Result<u64> {
+        Ok(self.insert(crate::file::create(path.as_ref(), len, opts)?))
+    }
+
+    /// Opens a file made by zcbuf, validating its header.
+    pub fn open_file(&self, path: impl AsRef<Path>, readonly: bool) -> Result<u64> {
+        Ok(self.insert(crate::file::open(path.as_ref(), readonly)?))
+    }
+
+    /// Takes a lease on `id` and returns its data address and length. The memory stays mapped
+    /// until a matching [`Registry::release`] (or until this registry is dropped).
+    pub fn acquire(&self, id: u64) -> Result<(NonNull<u8>, usize)> {
+        let mut map = self.shard(id);
+        match map.get_mut(&id) {
+            Some(e) if !e.retired => {
+                e.leases += 1;
+                let p = NonNull::new(e.addr as *mut u8).expect("data address is never null");
+                Ok((p, e.len))
+            }
+            _ => Err(not_found(id)),
+        }
+    }
+
+    /// Gives back one lease on `id`; unmaps a freed buffer when its last lease goes.
+    pub fn release(&self, id: u64) -> Result<()> {
+        let gone = {
+            let mut map = self.shard(id);
+            let Some(e) = map.get_mut(&id) else {
+                return Err(not_found(id));
+            };
+            if e.leases == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "buffer id {id} has no lease to release (release called more often than acquire)"
+                )));
+            }
+            e.leases -= 1;
+            if e.leases == 0 && e.retired {
+                map.remove(&id)
+            } else {
+                None
+            }
+        };
+        // Unmapping (and a file's msync) happens here, outside the lock.
+        drop(gone);
+        Ok(())
+    }
+
+    /// Takes a lease as a guard that releases it when dropped.
+    pub fn lease(&self, id: u64) -> Result<Lease<'_>> {
+        let (ptr, len) = self.acquire(id)?;
+        let readonly = self.info(id).map(|i| i.readonly).unwrap_or(true);
+        Ok(Lease {
+            reg: self,
+            id,
+            ptr,
+            len,
+            readonly,
+        })
+    }
+
+    /// Retires `id` at once: later calls on it fail with not-found. The memory is unmapped when
+    /// the last lease is released (at once if none is held). A file buffer is flushed to disk; a
+    /// shared buffer leaves the holder table, and its name is removed if no live process holds
+    /// it any more.
+    pub fn free(&self, id: u64) -> Result<()> {
+        let (mapped, gone) = {
+            let mut map = self.shard(id);
+            let Some(e) = map.get_mut(&id) else {
+                return Err(not_found(id));
+            };
+            if e.retired {
+                return Err(Error::NotFound(format!(
+                    "buffer id {id} was already freed (its memory stays mapped until its \
+                     remaining {} lease(s) are released)",
+                    e.leases
+                )));
+            }
+            e.retired = true;
+            let mapped = Arc::clone(&e.mapped);
+            let gone = if e.leases == 0 { map.remove(&id) } else { None };
+            (mapped, gone)
+        };
+        let flushed = mapped.flush();
+        mapped.leave();
+        drop(gone);
+        drop(mapped);
+        flushed
+    }
+
+    fn with<T>(&self, id: u64, f: impl FnOnce(&Entry) -> T) -> Result<T> {
+        let map = self.shard(id);
+        match map.get(&id) {
+            Some(e) if !e.retired => Ok(f(e)),
+            _ => Err(not_found(id)),
+        }
+    }
+
+    /// The data length of `id`.
+    pub fn size(&self, id: u64) -> Result<usize> {
+        self.with(id, |e| e.len)
+    }
+
+    /// The segment name of a shared buffer (`None` for other backings).
+    pub fn name(&self, id: u64) -> Result<Option<String>> {
+        self.with(id, |e| e.mapped.name().map(str::to_owned))
+    }
+
+    /// Everything known about `id`.
+    pub fn info(&self, id: u64) -> Result<Info> {
+        self.with(id, |e| Info {
+            kind: e.mapped.kind(),
+            len: e.len,
+            readonly: e.mapped.readonly(),
+            name: e.mapped.name().map(str::to_owned),
+            path: e.mapped.path().map(Path::to_owned),
+            meta: e.mapped.meta().clone(),
+            leases: e.leases,
+        })
+    }
+
+    /// Writes a file buffer's data to disk now (msync); a no-op for other backings.
+    pub fn flush(&self, id: u64) -> Result<()> {
+        let mapped = self.with(id, |e| Arc::clone(&e.mapped))?;
+        mapped.flush()
+    }
+
+    /// Number of live (not freed) ids.
+    pub fn live(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.0.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .filter(|e| !e.retired)
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Whether a shared buffer created by this process is still its creator's (for diagnostics).
+    pub fn created_here(&self, id: u64) -> Result<bool> {
+        self.with(id, |e| e.mapped.created_here())
+    }
+}
+
+/// A lease on a buffer's memory that is released when dropped.
+///
+/// Memory of shared and file buffers may be written by other processes at any time, so a lease
+/// gives copies in and out and raw pointers, never a `&[u8]`.
+pub struct Lease<'a> {
+    reg: &'a Registry,
+    id: u64,
+    ptr: NonNull<u8>,
+    len: usize,
+    readonly: bool,
+}
+
+impl Lease<'_> {
+    /// The buffer id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// The data address; valid for [`Lease::len`] bytes while the lease lives.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// Data length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True for a zero-length buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// True when mapped read-only.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    fn check(&self, off: usize, n: usize) -> Result<()> {
+        match off.checked_add(n) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "range {off}..{off}+{n} is outside the {}-byte buffer",
+                self.len
+            ))),
+        }
+    }
+
+    /// Copies `src` into the buffer at `off`.
+    pub fn write_at(&self, off: usize, src: &[u8]) -> Result<()> {
+        if self.readonly {
+            return Err(Error::ReadOnly(format!(
+                "buffer id {} was opened read-only",
+                self.id
+            )));
+        }
+        self.check(off, src.len())?;
+        // SAFETY: the range was checked to lie inside the mapping, which the lease keeps mapped;
+        // it is writable (not read-only); `src` is a distinct Rust slice, so no overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
+        };
+        Ok(())
+    }
+
+    /// Copies bytes from the buffer at `off` into `dst`.
+    pub fn read_at(&self, off: usize, dst: &mut [u8]) -> Result<()> {
+        self.check(off, dst.len())?;
+        // SAFETY: the range lies inside the mapping, which the lease keeps mapped and readable;
+        // `dst` is a distinct Rust slice.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+}
+
+impl Drop for Lease<'_> {
+    /// Policy: releases the lease; a buffer freed meanwhile is unmapped now if this was its last.
+    fn drop(&mut self) {
+        let _ = self.reg.release(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_start_at_one_and_are_unique() {
+        let r = Registry::new();
+        let a = r.create(1, &CreateOptions::new()).unwrap();
+        let b = r.create(1, &CreateOptions::new()).unwrap();
+        assert_eq!(a, 1);
+        assert_eq!(b, 2);
+        r.free(a).unwrap();
+        let c = r.create(1, &CreateOptions::new()).unwrap();
+        assert_eq!(c, 3);
+    }
+
+    #[test]
+    fn hasher_spreads_ids_of_one_shard() {
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..1000u64 {
+            let mut h = IdHasher::default();
+            h.write_u64(k * SHARDS as u64 + 5);
+            seen.insert(h.finish() & 1023);
+        }
+        assert!(seen.len() > 500, "{}", seen.len());
+    }
+}
