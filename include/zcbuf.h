@@ -63,30 +63,6 @@
 // Backing kind: a memory-mapped file.
 #define ZCBUF_KIND_FILE 2
 
-// The header version this build writes and reads.
-#define VERSION 1
-
-// Bytes of header structure in version 1.
-#define HEADER_LEN 5248
-
-// Most bytes a dtype string may have.
-#define DTYPE_CAP 512
-
-// Most dimensions a shape may have (NumPy 2's limit).
-#define MAX_NDIM 64
-
-// Number of holder slots in the table.
-#define HOLDER_SLOTS 256
-
-// State-word bit: the last holder is removing the name.
-#define CLOSING 1
-
-// Number of independently locked shards.
-#define SHARDS 64
-
-// The longest name accepted, in bytes.
-#define MAX_NAME_LEN 200
-
 // What `zcbuf_info` reports about a buffer.
 typedef struct {
   // One of `ZCBUF_KIND_*`.
@@ -94,7 +70,7 @@ typedef struct {
   // 1 when mapped read-only, else 0.
   uint32_t readonly;
   // Data length in bytes.
-  uintptr_t len;
+  size_t len;
   // Bytes per element of the stored dtype (0 when untyped).
   uint64_t itemsize;
   // Number of dimensions of the stored shape.
@@ -115,7 +91,7 @@ extern "C" {
 //
 // # Safety
 // `out_id` must be NULL or valid for a write.
-int32_t zcbuf_create(uintptr_t len, uint64_t *out_id);
+int32_t zcbuf_create(size_t len, uint64_t *out_id);
 
 // Creates a named POSIX shared-memory buffer of `len` data bytes (`O_EXCL`, mode 0600, pages
 // reserved) and writes its id to `out_id`. With `name` NULL a name is generated (`zcbuf-` and
@@ -123,7 +99,7 @@ int32_t zcbuf_create(uintptr_t len, uint64_t *out_id);
 //
 // # Safety
 // `name` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
-int32_t zcbuf_create_shared(const char *name, uintptr_t len, uint64_t *out_id);
+int32_t zcbuf_create_shared(const char *name, size_t len, uint64_t *out_id);
 
 // Opens a shared buffer by name, validating its header, and writes its id to `out_id`.
 // `flags`: 0 or `ZCBUF_READ_ONLY`.
@@ -137,7 +113,7 @@ int32_t zcbuf_open_shared(const char *name, uint32_t flags, uint64_t *out_id);
 //
 // # Safety
 // `path` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
-int32_t zcbuf_create_file(const char *path, uintptr_t len, uint64_t *out_id);
+int32_t zcbuf_create_file(const char *path, size_t len, uint64_t *out_id);
 
 // Opens a file made by zcbuf, validating its header, and writes its id to `out_id`.
 // `flags`: 0 or `ZCBUF_READ_ONLY`.
@@ -157,7 +133,7 @@ int32_t zcbuf_open_file(const char *path, uint32_t flags, uint64_t *out_id);
 // # Safety
 // Strings must be NULL or NUL-terminated; `shape` NULL or valid for `ndim` reads; `out_id`
 // NULL or valid for a write.
-int32_t zcbuf_create_ex(uint32_t kind, const char *name_or_path, uintptr_t len, const char *dtype, uint64_t itemsize, const uint64_t *shape, uint32_t ndim, uint32_t flags, uint64_t *out_id);
+int32_t zcbuf_create_ex(uint32_t kind, const char *name_or_path, size_t len, const char *dtype, uint64_t itemsize, const uint64_t *shape, uint32_t ndim, uint32_t flags, uint64_t *out_id);
 
 // Takes a lease on `id`: writes its data address to `out_ptr` and its length to `out_len`.
 // The memory stays mapped, even across `zcbuf_free`, until the matching `zcbuf_release`.
@@ -165,7 +141,7 @@ int32_t zcbuf_create_ex(uint32_t kind, const char *name_or_path, uintptr_t len, 
 //
 // # Safety
 // `out_ptr` and `out_len` must be NULL or valid for a write.
-int32_t zcbuf_acquire(uint64_t id, uint8_t **out_ptr, uintptr_t *out_len);
+int32_t zcbuf_acquire(uint64_t id, uint8_t **out_ptr, size_t *out_len);
 
 // Gives back one lease on `id` (also after `zcbuf_free`); the last lease of a freed buffer
 // unmaps it. Releasing more often than acquiring gives `ZCBUF_EINVAL`.
@@ -175,7 +151,7 @@ int32_t zcbuf_release(uint64_t id);
 //
 // # Safety
 // `out_len` must be NULL or valid for a write.
-int32_t zcbuf_size(uint64_t id, uintptr_t *out_len);
+int32_t zcbuf_size(uint64_t id, size_t *out_len);
 
 // Copies the name of shared buffer `id` into `buf` (NUL-terminated, truncated to `cap` bytes)
 // and writes its full length (without the NUL) to `out_len`. `buf` may be NULL if `cap` is 0.
@@ -183,14 +159,14 @@ int32_t zcbuf_size(uint64_t id, uintptr_t *out_len);
 //
 // # Safety
 // `buf` must be valid for `cap` bytes of writes (or `cap` 0); `out_len` NULL or writable.
-int32_t zcbuf_name(uint64_t id, char *buf, uintptr_t cap, uintptr_t *out_len);
+int32_t zcbuf_name(uint64_t id, char *buf, size_t cap, size_t *out_len);
 
 // Copies the path of file buffer `id` into `buf`, like `zcbuf_name`. Other backings give
 // `ZCBUF_EINVAL`.
 //
 // # Safety
 // As `zcbuf_name`.
-int32_t zcbuf_path(uint64_t id, char *buf, uintptr_t cap, uintptr_t *out_len);
+int32_t zcbuf_path(uint64_t id, char *buf, size_t cap, size_t *out_len);
 
 // Fills `out` with the kind, length, read-only flag, dtype and shape sizes and lease count.
 //
@@ -202,7 +178,7 @@ int32_t zcbuf_info(uint64_t id, zcbuf_info_t *out);
 //
 // # Safety
 // As `zcbuf_name`.
-int32_t zcbuf_dtype(uint64_t id, char *buf, uintptr_t cap, uintptr_t *out_len);
+int32_t zcbuf_dtype(uint64_t id, char *buf, size_t cap, size_t *out_len);
 
 // Copies up to `cap` dimensions of the stored shape of `id` into `out_shape` and writes the
 // number of dimensions to `out_ndim`.
@@ -232,7 +208,7 @@ int32_t zcbuf_unlink(const char *name);
 //
 // # Safety
 // `buf` must be valid for `cap` bytes of writes (or `cap` 0); the out-pointers NULL or writable.
-int32_t zcbuf_gc(char *buf, uintptr_t cap, uintptr_t *out_len, uintptr_t *out_count);
+int32_t zcbuf_gc(char *buf, size_t cap, size_t *out_len, size_t *out_count);
 
 // Lists the zcbuf segments in /dev/shm as text, one per line, fields separated by tabs:
 // name, data length, dtype, shape (dimensions joined by `,`), live holders, dead holders,
@@ -241,7 +217,7 @@ int32_t zcbuf_gc(char *buf, uintptr_t cap, uintptr_t *out_len, uintptr_t *out_co
 //
 // # Safety
 // `buf` must be valid for `cap` bytes of writes (or `cap` 0); `out_len` NULL or writable.
-int32_t zcbuf_list(char *buf, uintptr_t cap, uintptr_t *out_len);
+int32_t zcbuf_list(char *buf, size_t cap, size_t *out_len);
 
 // Copies this thread's last error message into `buf` (NUL-terminated, truncated to `cap`
 // bytes) and returns its full length. Meaningful after a call returned a nonzero status.
@@ -249,7 +225,7 @@ int32_t zcbuf_list(char *buf, uintptr_t cap, uintptr_t *out_len);
 //
 // # Safety
 // `buf` must be valid for `cap` bytes of writes, or `cap` 0.
-uintptr_t zcbuf_last_error(char *buf, uintptr_t cap);
+size_t zcbuf_last_error(char *buf, size_t cap);
 
 // A static, NUL-terminated name for a status code (e.g. "not found"); never NULL.
 const char *zcbuf_status_name(int32_t status);

@@ -1,0 +1,442 @@
+"""Buffers and the functions that make them."""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import threading
+import weakref
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _dtype
+from ._errors import CorruptError, InvalidArgumentError, NotFoundError, check
+from ._native import ffi, lib
+
+__all__ = ["Buffer", "create", "empty", "zeros", "from_array", "open", "open_file", "get"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+ShapeLike = Union[int, Sequence[int]]
+
+_KIND_NAMES = {
+    lib.ZCBUF_KIND_PRIVATE: "private",
+    lib.ZCBUF_KIND_SHARED: "shared",
+    lib.ZCBUF_KIND_FILE: "file",
+}
+
+
+def _release(id_: int) -> Any:
+    def release(_cdata: Any) -> None:
+        lib.zcbuf_release(id_)
+
+    return release
+
+
+def _text(fn: Any, id_: int) -> str:
+    n = ffi.new("size_t *")
+    check(fn(id_, ffi.NULL, 0, n))
+    buf = ffi.new("char[]", n[0] + 1)
+    check(fn(id_, buf, n[0] + 1, n))
+    return ffi.string(buf).decode("utf-8", "surrogateescape")
+
+
+class Buffer:
+    """A buffer of memory owned by zcbuf: private, shared by name, or a mapped file.
+
+    A ``Buffer`` holds one lease on the memory for as long as it or any array made from it is
+    alive, so :meth:`free` never invalidates an array: it retires the id, and the memory is
+    unmapped when the last array (and every view of it) is garbage-collected.
+
+    >>> buf = zcbuf.empty((2, 3), "f4", shared=True)
+    >>> a = buf.asarray(); a[:] = 1
+    >>> zcbuf.open(buf.name).asarray().sum()
+    6.0
+    """
+
+    __slots__ = (
+        "_id",
+        "_nbytes",
+        "_kind",
+        "_readonly",
+        "_name",
+        "_path",
+        "_dtype",
+        "_shape",
+        "_mem",
+        "_default",
+        "_finalizer",
+        "_lock",
+        "__weakref__",
+    )
+
+    def __init__(self, id_: int, *, owned: bool) -> None:
+        """Wrap registry id ``id_``; ``owned`` buffers are freed when garbage-collected.
+
+        Use :func:`create`, :func:`empty`, :func:`open`, :func:`open_file` or :func:`get`
+        rather than calling this directly.
+        """
+        info = ffi.new("zcbuf_info_t *")
+        check(lib.zcbuf_info(id_, info))
+        ptr = ffi.new("uint8_t **")
+        n = ffi.new("size_t *")
+        check(lib.zcbuf_acquire(id_, ptr, n))
+        # The lease is released when the last reference to this cdata goes: the Buffer's and
+        # those of every array made from it (through ffi.buffer -> memoryview -> ndarray).
+        cdata = ffi.gc(ptr[0], _release(id_))
+        mem: Any = ffi.buffer(cdata, n[0])
+        if info.readonly:
+            mem = memoryview(mem).toreadonly()
+        self._id = id_
+        self._nbytes = int(n[0])
+        self._kind = _KIND_NAMES.get(info.kind, "unknown")
+        self._readonly = bool(info.readonly)
+        self._name = _text(lib.zcbuf_name, id_) if info.kind == lib.ZCBUF_KIND_SHARED else None
+        self._path = _text(lib.zcbuf_path, id_) if info.kind == lib.ZCBUF_KIND_FILE else None
+        self._dtype: Optional[np.dtype] = None
+        self._shape: Optional[Tuple[int, ...]] = None
+        if info.dtype_len:
+            self._dtype = _dtype.decode(_text(lib.zcbuf_dtype, id_))
+            if self._dtype.itemsize != info.itemsize:
+                raise CorruptError(
+                    f"stored dtype {self._dtype} has item size {self._dtype.itemsize}, "
+                    f"but the header says {info.itemsize}"
+                )
+            dims = ffi.new("uint64_t[]", max(info.ndim, 1))
+            nd = ffi.new("uint32_t *")
+            check(lib.zcbuf_shape(id_, dims, info.ndim, nd))
+            self._shape = tuple(int(dims[i]) for i in range(nd[0]))
+        self._mem = mem
+        self._default: Optional[np.ndarray] = None
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, lib.zcbuf_free, id_) if owned else None
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        """The registry id (usable from C and Rust in this process)."""
+        return self._id
+
+    @property
+    def nbytes(self) -> int:
+        """Data length in bytes."""
+        return self._nbytes
+
+    @property
+    def kind(self) -> str:
+        """``"private"``, ``"shared"`` or ``"file"``."""
+        return self._kind
+
+    @property
+    def name(self) -> Optional[str]:
+        """The shared-memory name (shared buffers), else ``None``."""
+        return self._name
+
+    @property
+    def path(self) -> Optional[str]:
+        """The file path (file buffers), else ``None``."""
+        return self._path
+
+    @property
+    def dtype(self) -> Optional[np.dtype]:
+        """The stored dtype, or ``None`` for raw bytes."""
+        return self._dtype
+
+    @property
+    def shape(self) -> Optional[Tuple[int, ...]]:
+        """The stored shape, or ``None`` for raw bytes."""
+        return self._shape
+
+    @property
+    def readonly(self) -> bool:
+        """True when mapped read-only: arrays are not writeable and cannot be made so."""
+        return self._readonly
+
+    @property
+    def freed(self) -> bool:
+        """True after :meth:`free` (arrays made before stay valid)."""
+        return self._mem is None
+
+    # -- arrays -----------------------------------------------------------------------------
+
+    def asarray(self, dtype: Any = None, shape: Optional[ShapeLike] = None) -> np.ndarray:
+        """A NumPy array over the buffer's memory, without a copy.
+
+        Defaults to the stored dtype and shape, else a 1-D ``uint8`` array. With ``dtype`` only,
+        a 1-D array of as many items as fit exactly; with ``shape``, the leading bytes of the
+        buffer. The array keeps the memory mapped until it and its views are gone.
+
+        >>> a = zcbuf.create(16).asarray("u4")
+        >>> a.shape
+        (4,)
+        """
+        if dtype is None and shape is None:
+            d = self._default
+            if d is None:
+                d = self._make_default()
+            return d.view()
+        mem = self._mem
+        if mem is None:
+            raise self._freed_error()
+        if dtype is None:
+            dt = self._dtype if self._dtype is not None else np.dtype(np.uint8)
+        else:
+            dt = np.dtype(dtype)
+            _dtype.check_dtype(dt)
+        if shape is None:
+            if self._nbytes % dt.itemsize:
+                raise InvalidArgumentError(
+                    f"{self._nbytes} bytes are not a whole number of {dt} items "
+                    f"({dt.itemsize} bytes each): pass a shape"
+                )
+            shp: Tuple[int, ...] = (self._nbytes // dt.itemsize,)
+        else:
+            shp = _shape_tuple(shape)
+        need = math.prod(shp) * dt.itemsize
+        if need > self._nbytes:
+            raise InvalidArgumentError(
+                f"shape {shp} of {dt} needs {need} bytes; the buffer has {self._nbytes}"
+            )
+        return np.frombuffer(mem, dtype=dt, count=math.prod(shp)).reshape(shp)
+
+    def _make_default(self) -> np.ndarray:
+        with self._lock:
+            if self._default is not None:
+                return self._default
+            mem = self._mem
+            if mem is None:
+                raise self._freed_error()
+            if self._dtype is not None and self._shape is not None:
+                a = np.frombuffer(mem, dtype=self._dtype, count=math.prod(self._shape))
+                a = a.reshape(self._shape)
+            else:
+                a = np.frombuffer(mem, dtype=np.uint8)
+            self._default = a
+            return a
+
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
+        a = self.asarray()
+        if dtype is not None and np.dtype(dtype) != a.dtype:
+            if copy is False:
+                raise ValueError(
+                    f"converting {a.dtype} to {np.dtype(dtype)} needs a copy, but copy=False"
+                )
+            return a.astype(dtype)
+        return a.copy() if copy else a
+
+    def _freed_error(self) -> NotFoundError:
+        return NotFoundError(
+            f"buffer {self._id} was freed: arrays made before stay valid, but no new ones "
+            "can be made"
+        )
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def free(self) -> None:
+        """Retire the buffer now. Idempotent, like ``file.close()``.
+
+        Arrays already made stay valid; the memory is unmapped when the last is collected. A
+        file buffer is flushed to disk; a shared buffer's name is removed when no live process
+        holds it any more.
+        """
+        with self._lock:
+            if self._mem is None:
+                return
+            self._mem = None
+            self._default = None
+            fin = self._finalizer
+            self._finalizer = None
+        if fin is not None:
+            fin.detach()
+        status = lib.zcbuf_free(self._id)
+        if status != lib.ZCBUF_ENOTFOUND:  # already retired elsewhere: the state we want
+            check(status)
+
+    def flush(self) -> None:
+        """Write a file buffer's data to disk now (msync); a no-op for other kinds."""
+        if self._mem is None:
+            raise self._freed_error()
+        check(lib.zcbuf_flush(self._id))
+
+    def __enter__(self) -> "Buffer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+    def __reduce__(self) -> Any:
+        if self._kind == "shared":
+            return (_reopen_shared, (self._name, self._readonly))
+        if self._kind == "file":
+            return (_reopen_file, (self._path, self._readonly))
+        raise TypeError(
+            "a private zcbuf buffer cannot be pickled (that would copy it): create it with "
+            "shared=True or a path so other processes can open it by name"
+        )
+
+    def __len__(self) -> int:
+        return self._nbytes
+
+    def __repr__(self) -> str:
+        where = f" name={self._name!r}" if self._name else f" path={self._path!r}" if self._path else ""
+        typed = f" dtype={self._dtype} shape={self._shape}" if self._dtype is not None else ""
+        state = " freed" if self._mem is None else ""
+        ro = " readonly" if self._readonly else ""
+        return f"<zcbuf.Buffer id={self._id} {self._kind}{where} nbytes={self._nbytes}{typed}{ro}{state}>"
+
+
+def _reopen_shared(name: str, readonly: bool) -> Buffer:
+    return open(name, readonly=readonly)
+
+
+def _reopen_file(path: str, readonly: bool) -> Buffer:
+    return open_file(path, readonly=readonly)
+
+
+def _shape_tuple(shape: ShapeLike) -> Tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shp: Tuple[int, ...] = (int(shape),)
+    else:
+        try:
+            shp = tuple(int(operator.index(d)) for d in shape)
+        except TypeError:
+            raise InvalidArgumentError(f"shape {shape!r} is not a sequence of integers") from None
+    if any(d < 0 for d in shp):
+        raise InvalidArgumentError(f"shape {shp} has a negative dimension")
+    if len(shp) > 64:
+        raise InvalidArgumentError(f"shape has {len(shp)} dimensions; at most 64 are supported")
+    return shp
+
+
+def _target(shared: bool, name: Optional[str], path: Optional[PathLike]) -> Tuple[int, Any]:
+    if path is not None:
+        if shared or name is not None:
+            raise InvalidArgumentError("give either path= (a file) or shared=/name=, not both")
+        return lib.ZCBUF_KIND_FILE, os.fsencode(path)
+    if name is not None or shared:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        return lib.ZCBUF_KIND_SHARED, (name.encode("utf-8") if name is not None else ffi.NULL)
+    return lib.ZCBUF_KIND_PRIVATE, ffi.NULL
+
+
+def _flags(reserve: bool, populate: bool) -> int:
+    return (0 if reserve else lib.ZCBUF_NO_RESERVE) | (lib.ZCBUF_POPULATE if populate else 0)
+
+
+def create(
+    nbytes: int,
+    *,
+    shared: bool = False,
+    name: Optional[str] = None,
+    path: Optional[PathLike] = None,
+    reserve: bool = True,
+    populate: bool = False,
+) -> Buffer:
+    """A zero-filled buffer of ``nbytes`` raw bytes.
+
+    Private by default; ``shared=True`` (or a ``name``) makes a POSIX shared-memory segment that
+    other processes open with :func:`open`; ``path`` makes a memory-mapped file. Pages are
+    reserved up front (``reserve=False`` gives up the guarantee that a full /dev/shm is an
+    error here rather than a crash later); ``populate=True`` pre-faults them.
+
+    >>> with zcbuf.create(1 << 20, shared=True) as buf:
+    ...     buf.asarray()[:4] = 7
+    """
+    n = operator.index(nbytes)
+    if n < 0:
+        raise InvalidArgumentError(f"nbytes must be >= 0, not {n}")
+    kind, target = _target(shared, name, path)
+    out = ffi.new("uint64_t *")
+    check(
+        lib.zcbuf_create_ex(kind, target, n, ffi.NULL, 0, ffi.NULL, 0, _flags(reserve, populate), out)
+    )
+    return Buffer(out[0], owned=True)
+
+
+def empty(
+    shape: ShapeLike,
+    dtype: Any = float,
+    *,
+    shared: bool = False,
+    name: Optional[str] = None,
+    path: Optional[PathLike] = None,
+    reserve: bool = True,
+    populate: bool = False,
+) -> Buffer:
+    """A typed buffer whose dtype and shape are stored with it (memory is zero-filled).
+
+    Another process that opens it by name gets the same typed array from ``asarray()``.
+
+    >>> buf = zcbuf.empty((480, 640, 3), "u1", shared=True)
+    >>> buf.asarray().shape
+    (480, 640, 3)
+    """
+    shp = _shape_tuple(shape)
+    dt = np.dtype(dtype)
+    text = _dtype.encode(dt)
+    nbytes = math.prod(shp) * dt.itemsize
+    kind, target = _target(shared, name, path)
+    dims = ffi.new("uint64_t[]", list(shp) or [0])
+    out = ffi.new("uint64_t *")
+    check(
+        lib.zcbuf_create_ex(
+            kind, target, nbytes, text, dt.itemsize, dims, len(shp), _flags(reserve, populate), out
+        )
+    )
+    return Buffer(out[0], owned=True)
+
+
+zeros = empty
+
+
+def from_array(
+    array: Any,
+    *,
+    shared: bool = False,
+    name: Optional[str] = None,
+    path: Optional[PathLike] = None,
+) -> Buffer:
+    """A new typed buffer holding a copy of ``array`` (one copy, to share it from then on)."""
+    a = np.asarray(array)
+    buf = empty(a.shape, a.dtype, shared=shared, name=name, path=path)
+    try:
+        np.copyto(buf.asarray(), a)
+    except BaseException:
+        buf.free()
+        raise
+    return buf
+
+
+def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the contract's name
+    """Open a shared buffer by name, from any process of the same user.
+
+    Its header is validated first; a typed buffer gives its typed array. ``readonly=True`` maps
+    it ``PROT_READ``: its arrays are not writeable and cannot be made so.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    out = ffi.new("uint64_t *")
+    check(lib.zcbuf_open_shared(name.encode("utf-8"), lib.ZCBUF_READ_ONLY if readonly else 0, out))
+    return Buffer(out[0], owned=True)
+
+
+def open_file(path: PathLike, *, readonly: bool = False) -> Buffer:
+    """Open a file made by zcbuf (typed as it was created); its header is validated first."""
+    out = ffi.new("uint64_t *")
+    check(lib.zcbuf_open_file(os.fsencode(path), lib.ZCBUF_READ_ONLY if readonly else 0, out))
+    return Buffer(out[0], owned=True)
+
+
+def get(id: int) -> Buffer:  # noqa: A002 - the contract's name
+    """A buffer of this process's registry by id (e.g. made in C or Rust).
+
+    The returned object takes its own lease; it does not free the id when collected (the
+    creator owns it), but :meth:`Buffer.free` does retire it.
+    """
+    i = operator.index(id)
+    if not 0 < i < 2**64:
+        raise NotFoundError(f"buffer id {i} is not live")
+    return Buffer(i, owned=False)

@@ -1,0 +1,110 @@
+"""The exception classes of zcbuf and the one place that turns a C status into one."""
+
+from __future__ import annotations
+
+from ._native import ffi, lib
+
+__all__ = [
+    "Error",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "AlreadyExistsError",
+    "OutOfMemoryError",
+    "PermissionDeniedError",
+    "ReadOnlyError",
+    "CorruptError",
+    "IOFailedError",
+    "InternalError",
+]
+
+
+class Error(Exception):
+    """Base class of every zcbuf error. ``status`` is the C status code."""
+
+    status: int = 0
+
+
+class InvalidArgumentError(Error, ValueError):
+    """A malformed argument: bad name, shape or dtype that does not fit, unknown flag."""
+
+    status = lib.ZCBUF_EINVAL
+
+
+class NotFoundError(Error, LookupError):
+    """No buffer, segment or file by that id, name or path (or it was freed)."""
+
+    status = lib.ZCBUF_ENOTFOUND
+
+
+class AlreadyExistsError(Error, FileExistsError):
+    """A segment or file by that name or path already exists."""
+
+    status = lib.ZCBUF_EEXIST
+
+
+class OutOfMemoryError(Error, MemoryError):
+    """Not enough memory, shared memory (/dev/shm) or disk space."""
+
+    status = lib.ZCBUF_ENOMEM
+
+
+class PermissionDeniedError(Error, PermissionError):
+    """The operating system refused access."""
+
+    status = lib.ZCBUF_EPERM
+
+
+class ReadOnlyError(Error, PermissionError):
+    """A write was asked of something opened or mounted read-only."""
+
+    status = lib.ZCBUF_EREADONLY
+
+
+class CorruptError(Error, ValueError):
+    """Not a zcbuf buffer, a damaged header, or a header of another version."""
+
+    status = lib.ZCBUF_ECORRUPT
+
+
+class IOFailedError(Error, OSError):
+    """Another operating-system I/O failure."""
+
+    status = lib.ZCBUF_EIO
+
+
+class InternalError(Error, RuntimeError):
+    """A bug in zcbuf; please report it with the message."""
+
+    status = lib.ZCBUF_EINTERNAL
+
+
+_BY_STATUS: dict[int, type[Error]] = {
+    cls.status: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        OutOfMemoryError,
+        PermissionDeniedError,
+        ReadOnlyError,
+        CorruptError,
+        IOFailedError,
+        InternalError,
+    )
+}
+
+
+def last_error() -> str:
+    """This thread's last error message from the native library."""
+    buf = ffi.new("char[]", 1024)
+    n = lib.zcbuf_last_error(buf, 1024)
+    if n >= 1024:
+        buf = ffi.new("char[]", n + 1)
+        lib.zcbuf_last_error(buf, n + 1)
+    return ffi.string(buf).decode("utf-8", "replace")
+
+
+def check(status: int) -> None:
+    """Raise the exception for a nonzero native status (call in the thread that got it)."""
+    if status:
+        raise _BY_STATUS.get(status, InternalError)(last_error())
