@@ -15,8 +15,9 @@
 //! With sequentially consistent operations either the opener sees *closing* or the closer sees
 //! the opener's slot, so a live holder's name is never removed.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{LazyLock, Mutex, OnceLock};
 
 use crate::error::Error;
 use crate::header::{HOLDER_SLOTS, OFF_HOLDERS, OFF_STATE};
@@ -142,7 +143,12 @@ impl Table {
         let pid = (v & PID_MASK) as u32;
         let alive = if v & VALID != 0 {
             let want = t.load(SeqCst);
-            process_start_time(pid) == Some(want)
+            if pid == std::process::id() {
+                // This process: alive by definition, unless the slot is a dead namesake's.
+                want == self_start_time()
+            } else {
+                process_start_time(pid) == Some(want)
+            }
         } else {
             // Still claiming: the start time is not written yet; judge by the pid alone.
             process_start_time(pid).is_some()
@@ -213,6 +219,53 @@ impl Table {
         }
         true
     }
+}
+
+/// Identifies a segment within this machine: (device, inode) of its file. An inode cannot be
+/// reused while this process still maps it.
+pub(crate) type SegmentKey = (u64, u64);
+
+/// This process's holder slots: one per segment however many handles the process has open,
+/// with a count of those handles. A process is one holder.
+static LOCAL: LazyLock<Mutex<HashMap<SegmentKey, (usize, usize)>>> =
+    LazyLock::new(Default::default);
+
+fn local() -> std::sync::MutexGuard<'static, HashMap<SegmentKey, (usize, usize)>> {
+    // Nothing panics under this lock; a poisoned map is still consistent.
+    LOCAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers one more handle of this process on the segment, claiming a slot for the first.
+pub(crate) fn join(table: &Table, key: SegmentKey) -> std::result::Result<(), ClaimError> {
+    let mut m = local();
+    if let Some(e) = m.get_mut(&key) {
+        // Already a holder; but a segment being closed must not be joined.
+        if table.state().load(SeqCst) & CLOSING != 0 {
+            return Err(ClaimError::Closing);
+        }
+        e.1 += 1;
+        return Ok(());
+    }
+    let slot = table.claim()?;
+    m.insert(key, (slot, 1));
+    Ok(())
+}
+
+/// Drops one handle of this process; the last gives the slot back. Returns true when the caller
+/// must remove the name (no live holder is left anywhere).
+pub(crate) fn part(table: &Table, key: SegmentKey) -> bool {
+    let mut m = local();
+    let Some(e) = m.get_mut(&key) else {
+        return false;
+    };
+    e.1 -= 1;
+    if e.1 > 0 {
+        return false;
+    }
+    let slot = e.0;
+    m.remove(&key);
+    table.release(slot);
+    table.try_close()
 }
 
 #[cfg(test)]

@@ -7,15 +7,16 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
 use crate::header::{self, HEADER_LEN, Meta, Parsed};
-use crate::holders::{ClaimError, Table};
+use crate::holders::{self, ClaimError, SegmentKey, Table};
 
 /// Which kind of memory backs a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,17 +83,28 @@ pub(crate) enum Origin {
 
 /// The memory of one buffer.
 pub(crate) struct Mapped {
+    /// The header pages; for a read-write shared or file buffer, the whole object (header and
+    /// data in one mapping, one mmap and one munmap).
     header: Option<MmapRaw>,
+    /// The data pages when mapped on their own (read-only opens), else `None`.
     data: Option<MmapRaw>,
+    /// Offset of the data within `header` when they share one mapping (0 otherwise).
+    data_off: usize,
     len: usize,
     readonly: bool,
     origin: Origin,
-    /// The holder slot this mapping claimed, or [`NO_SLOT`].
-    holder_slot: AtomicUsize,
+    /// True while this mapping counts as one of this process's handles on a shared segment.
+    joined: AtomicBool,
+    /// The segment's identity, for the process-wide holder count.
+    key: SegmentKey,
     meta: Meta,
 }
 
-const NO_SLOT: usize = usize::MAX;
+fn key_of(file: &File) -> SegmentKey {
+    file.metadata()
+        .map(|m| (m.dev(), m.ino()))
+        .unwrap_or((0, 0))
+}
 
 /// A dangling-but-aligned address for zero-length buffers (never dereferenced).
 fn empty_ptr() -> NonNull<u8> {
@@ -188,10 +200,12 @@ impl Mapped {
         Ok(Mapped {
             header: None,
             data,
+            data_off: 0,
             len,
             readonly: false,
             origin: Origin::Private,
-            holder_slot: AtomicUsize::new(NO_SLOT),
+            joined: AtomicBool::new(false),
+            key: (0, 0),
             meta: opts.meta.clone(),
         })
     }
@@ -219,11 +233,14 @@ impl Mapped {
             file.set_len(total as u64)
                 .map_err(|e| Error::from_io(&format!("resize {where_}"), &e))?;
         }
-        let hdr = MmapOptions::new()
-            .len(off)
+        let mut mo = MmapOptions::new();
+        mo.len(total);
+        if opts.populate {
+            mo.populate();
+        }
+        let hdr = mo
             .map_raw(file)
-            .map_err(|e| Error::from_io(&format!("map the header of {where_}"), &e))?;
-        let data = Self::map_data(file, off as u64, len, false, opts.populate, where_)?;
+            .map_err(|e| Error::from_io(&format!("map {} bytes of {where_}", total), &e))?;
         let mut enc = vec![0u8; HEADER_LEN];
         header::encode(
             &mut enc,
@@ -235,16 +252,18 @@ impl Mapped {
         let shared = matches!(origin, Origin::Shared { .. });
         let mut m = Mapped {
             header: Some(hdr),
-            data,
+            data: None,
+            data_off: off,
             len,
             readonly: false,
             origin,
-            holder_slot: AtomicUsize::new(NO_SLOT),
+            joined: AtomicBool::new(false),
+            key: key_of(file),
             meta: opts.meta.clone(),
         };
         if shared {
-            match m.table().map(|t| t.claim()) {
-                Some(Ok(slot)) => *m.holder_slot.get_mut() = slot,
+            match m.table().map(|t| holders::join(&t, m.key)) {
+                Some(Ok(())) => *m.joined.get_mut() = true,
                 Some(Err(ClaimError::Other(e))) => return Err(e),
                 // A brand-new segment cannot be closing.
                 Some(Err(ClaimError::Closing)) | None => {
@@ -303,31 +322,44 @@ impl Mapped {
                     .is_some_and(|t| t <= isize::MAX as usize)
             })
             .ok_or_else(|| OpenError::Other(too_big(parsed.data_len as usize)))?;
-        let mut mo = MmapOptions::new();
-        mo.len(off);
-        let hdr = if header_writable {
-            mo.map_raw(file)
+        let where_map =
+            |e: std::io::Error| OpenError::Other(Error::from_io(&format!("map {where_}"), &e));
+        // Read-write: one mapping of header and data. Read-only data: the header pages on their
+        // own (writable only to join the holder table) and the data pages PROT_READ.
+        let (hdr, data, data_off) = if !readonly && header_writable {
+            let whole = MmapOptions::new()
+                .len(off + len)
+                .map_raw(file)
+                .map_err(where_map)?;
+            (whole, None, off)
         } else {
-            mo.map_raw_read_only(file)
-        }
-        .map_err(|e| {
-            OpenError::Other(Error::from_io(&format!("map the header of {where_}"), &e))
-        })?;
-        let data = Self::map_data(file, off as u64, len, readonly, false, where_)
-            .map_err(OpenError::Other)?;
+            let mut mo = MmapOptions::new();
+            mo.len(off);
+            let hdr = if header_writable {
+                mo.map_raw(file)
+            } else {
+                mo.map_raw_read_only(file)
+            }
+            .map_err(where_map)?;
+            let data = Self::map_data(file, off as u64, len, readonly, false, where_)
+                .map_err(OpenError::Other)?;
+            (hdr, data, 0)
+        };
         let shared = matches!(origin, Origin::Shared { .. });
         let mut m = Mapped {
             header: Some(hdr),
             data,
+            data_off,
             len,
             readonly,
             origin,
-            holder_slot: AtomicUsize::new(NO_SLOT),
+            joined: AtomicBool::new(false),
+            key: key_of(file),
             meta: parsed.meta,
         };
         if shared && header_writable {
-            match m.table().expect("header mapped").claim() {
-                Ok(slot) => *m.holder_slot.get_mut() = slot,
+            match holders::join(&m.table().expect("header mapped"), m.key) {
+                Ok(()) => *m.joined.get_mut() = true,
                 Err(ClaimError::Closing) => return Err(OpenError::Closing),
                 Err(ClaimError::Other(e)) => return Err(OpenError::Other(e)),
             }
@@ -337,9 +369,13 @@ impl Mapped {
 
     /// The data address (a dangling aligned address for zero-length buffers).
     pub(crate) fn data_ptr(&self) -> NonNull<u8> {
-        match &self.data {
-            Some(m) => NonNull::new(m.as_mut_ptr()).unwrap_or_else(empty_ptr),
-            None => empty_ptr(),
+        match (&self.data, &self.header) {
+            (Some(m), _) => NonNull::new(m.as_mut_ptr()).unwrap_or_else(empty_ptr),
+            (None, Some(h)) if self.len > 0 && self.data_off > 0 => {
+                // SAFETY: header and data share this mapping, which is data_off + len bytes.
+                NonNull::new(unsafe { h.as_mut_ptr().add(self.data_off) }).unwrap_or_else(empty_ptr)
+            }
+            _ => empty_ptr(),
         }
     }
 
@@ -405,13 +441,11 @@ impl Mapped {
     /// Leaves the holder table (shared buffers) and removes the name when this was the last
     /// live holder. Idempotent. Returns true when the name was removed.
     pub(crate) fn leave(&self) -> bool {
-        let slot = self.holder_slot.swap(NO_SLOT, Ordering::AcqRel);
-        if slot == NO_SLOT {
+        if !self.joined.swap(false, Ordering::AcqRel) {
             return false;
         }
         let Some(t) = self.table() else { return false };
-        t.release(slot);
-        if t.try_close() {
+        if holders::part(&t, self.key) {
             if let Some(name) = self.name() {
                 let _ = crate::shm::unlink(name);
             }

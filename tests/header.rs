@@ -27,14 +27,28 @@ fn header_is_up_to_date() {
 
 #[test]
 fn every_c_name_carries_the_prefix() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/zcbuf.h")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/zcbuf.h")).unwrap();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("#define ") {
             assert!(rest.starts_with("ZCBUF_"), "unprefixed macro: {line}");
         }
-        if line.contains('(') && !line.starts_with("//") && !line.starts_with(' ') && line.ends_with(';') {
-            let name = line.split('(').next().unwrap().split_whitespace().last().unwrap();
-            assert!(name.trim_start_matches('*').starts_with("zcbuf_"), "unprefixed function: {line}");
+        if line.contains('(')
+            && !line.starts_with("//")
+            && !line.starts_with(' ')
+            && line.ends_with(';')
+        {
+            let name = line
+                .split('(')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .last()
+                .unwrap();
+            assert!(
+                name.trim_start_matches('*').starts_with("zcbuf_"),
+                "unprefixed function: {line}"
+            );
         }
     }
 }

@@ -467,3 +467,26 @@ fn child_sleeper() {
     std::io::stdout().flush().unwrap();
     std::thread::sleep(std::time::Duration::from_secs(60));
 }
+
+#[test]
+fn one_process_is_one_holder_however_many_handles() {
+    let r = Registry::new();
+    let id = r.create_shared(None, 64, &opts()).unwrap();
+    let name = r.name(id).unwrap().unwrap();
+    // More handles than the holder table has slots: a process holds one slot.
+    let ids: Vec<u64> = (0..1000)
+        .map(|_| r.open_shared(&name, false).unwrap())
+        .collect();
+    let me = zcbuf::gc::list()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap();
+    assert_eq!((me.alive, me.dead), (1, 0));
+    r.free(id).unwrap();
+    for (i, h) in ids.iter().enumerate() {
+        assert!(shm_exists(&name), "handle {i} still open");
+        r.free(*h).unwrap();
+    }
+    assert!(!shm_exists(&name));
+}

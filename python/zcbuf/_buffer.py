@@ -6,7 +6,6 @@ import math
 import operator
 import os
 import threading
-import weakref
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -27,9 +26,20 @@ _KIND_NAMES = {
 }
 
 
+_new = ffi.new
+_gc = ffi.gc
+_ffi_buffer = ffi.buffer
+_info = lib.zcbuf_info
+_acquire = lib.zcbuf_acquire
+_free = lib.zcbuf_free
+_rel = lib.zcbuf_release
+_SHARED = lib.ZCBUF_KIND_SHARED
+_FILE = lib.ZCBUF_KIND_FILE
+
+
 def _release(id_: int) -> Any:
     def release(_cdata: Any) -> None:
-        lib.zcbuf_release(id_)
+        _rel(id_)
 
     return release
 
@@ -66,51 +76,66 @@ class Buffer:
         "_shape",
         "_mem",
         "_default",
-        "_finalizer",
+        "_owned",
         "_lock",
         "__weakref__",
     )
 
-    def __init__(self, id_: int, *, owned: bool) -> None:
+    def __init__(self, id_: int, *, owned: bool, name: Optional[str] = None, path: Optional[str] = None) -> None:
         """Wrap registry id ``id_``; ``owned`` buffers are freed when garbage-collected.
 
         Use :func:`create`, :func:`empty`, :func:`open`, :func:`open_file` or :func:`get`
         rather than calling this directly.
         """
-        info = ffi.new("zcbuf_info_t *")
-        check(lib.zcbuf_info(id_, info))
-        ptr = ffi.new("uint8_t **")
-        n = ffi.new("size_t *")
-        check(lib.zcbuf_acquire(id_, ptr, n))
-        # The lease is released when the last reference to this cdata goes: the Buffer's and
-        # those of every array made from it (through ffi.buffer -> memoryview -> ndarray).
-        cdata = ffi.gc(ptr[0], _release(id_))
-        mem: Any = ffi.buffer(cdata, n[0])
-        if info.readonly:
-            mem = memoryview(mem).toreadonly()
-        self._id = id_
-        self._nbytes = int(n[0])
-        self._kind = _KIND_NAMES.get(info.kind, "unknown")
-        self._readonly = bool(info.readonly)
-        self._name = _text(lib.zcbuf_name, id_) if info.kind == lib.ZCBUF_KIND_SHARED else None
-        self._path = _text(lib.zcbuf_path, id_) if info.kind == lib.ZCBUF_KIND_FILE else None
-        self._dtype: Optional[np.dtype] = None
-        self._shape: Optional[Tuple[int, ...]] = None
-        if info.dtype_len:
-            self._dtype = _dtype.decode(_text(lib.zcbuf_dtype, id_))
-            if self._dtype.itemsize != info.itemsize:
-                raise CorruptError(
-                    f"stored dtype {self._dtype} has item size {self._dtype.itemsize}, "
-                    f"but the header says {info.itemsize}"
-                )
-            dims = ffi.new("uint64_t[]", max(info.ndim, 1))
-            nd = ffi.new("uint32_t *")
-            check(lib.zcbuf_shape(id_, dims, info.ndim, nd))
-            self._shape = tuple(int(dims[i]) for i in range(nd[0]))
-        self._mem = mem
+        self._owned = False  # set last: __del__ must not free what a failed __init__ did not own
+        self._mem = None
+        info = _new("zcbuf_info_t *")
+        check(_info(id_, info))
+        ptr = _new("uint8_t **")
+        n = _new("size_t *")
+        try:
+            check(_acquire(id_, ptr, n))
+            # The lease is released when the last reference to this cdata goes: the Buffer's and
+            # those of every array made from it (through ffi.buffer -> memoryview -> ndarray).
+            cdata = _gc(ptr[0], _release(id_))
+            mem: Any = _ffi_buffer(cdata, n[0])
+            kind = info.kind
+            if info.readonly:
+                mem = memoryview(mem).toreadonly()
+            self._id = id_
+            self._nbytes = int(n[0])
+            self._kind = _KIND_NAMES.get(kind, "unknown")
+            self._readonly = bool(info.readonly)
+            self._name = (name if name is not None else _text(lib.zcbuf_name, id_)) if kind == _SHARED else None
+            self._path = (path if path is not None else _text(lib.zcbuf_path, id_)) if kind == _FILE else None
+            self._dtype: Optional[np.dtype] = None
+            self._shape: Optional[Tuple[int, ...]] = None
+            if info.dtype_len:
+                self._dtype = _dtype.decode(_text(lib.zcbuf_dtype, id_))
+                if self._dtype.itemsize != info.itemsize:
+                    raise CorruptError(
+                        f"stored dtype {self._dtype} has item size {self._dtype.itemsize}, "
+                        f"but the header says {info.itemsize}"
+                    )
+                dims = _new("uint64_t[]", max(info.ndim, 1))
+                nd = _new("uint32_t *")
+                check(lib.zcbuf_shape(id_, dims, info.ndim, nd))
+                self._shape = tuple(int(dims[i]) for i in range(nd[0]))
+        except BaseException:
+            if owned:  # we were handed ownership of the id: do not leak it
+                lib.zcbuf_free(id_)
+            raise
         self._default: Optional[np.ndarray] = None
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, lib.zcbuf_free, id_) if owned else None
+        self._mem = mem
+        self._owned = owned
+
+    def __del__(self) -> None:
+        # Policy: a buffer this object owns (created or opened here) is freed when collected;
+        # arrays made from it keep its memory mapped until they are collected too.
+        if self._owned and self._mem is not None:
+            self._mem = None
+            _free(self._id)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -246,10 +271,7 @@ class Buffer:
                 return
             self._mem = None
             self._default = None
-            fin = self._finalizer
-            self._finalizer = None
-        if fin is not None:
-            fin.detach()
+            self._owned = False
         status = lib.zcbuf_free(self._id)
         if status != lib.ZCBUF_ENOTFOUND:  # already retired elsewhere: the state we want
             check(status)
@@ -420,7 +442,7 @@ def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the co
         raise TypeError(f"name must be a str, not {type(name).__name__}")
     out = ffi.new("uint64_t *")
     check(lib.zcbuf_open_shared(name.encode("utf-8"), lib.ZCBUF_READ_ONLY if readonly else 0, out))
-    return Buffer(out[0], owned=True)
+    return Buffer(out[0], owned=True, name=name)
 
 
 def open_file(path: PathLike, *, readonly: bool = False) -> Buffer:

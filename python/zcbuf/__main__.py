@@ -1,0 +1,65 @@
+"""Command line: ``python -m zcbuf {bench,ls,gc}`` (also the ``zcbuf`` script)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, Sequence
+
+USAGE = """usage: python -m zcbuf COMMAND [options]
+
+commands:
+  bench   copy versus zero-copy benchmark: table, results.json/.csv and a plot
+  ls      list zcbuf shared-memory segments (size, dtype/shape, holders alive/dead, age)
+  gc      remove segments whose holders have all died; prints the names removed
+"""
+
+
+def _ls() -> int:
+    from . import ls
+    from .bench import fmt_size
+
+    segs = ls()
+    if not segs:
+        print("no zcbuf segments in /dev/shm")
+        return 0
+    print(f"{'name':<42} {'size':>10} {'dtype':<10} {'shape':<16} {'alive':>5} {'dead':>4} {'age':>8}")
+    for s in segs:
+        shape = "x".join(map(str, s.shape)) if s.shape is not None else "-"
+        age = f"{s.age:.0f}s" if s.created else "?"
+        dtype = (s.dtype or "raw")[:10]
+        print(f"{s.name:<42} {fmt_size(s.nbytes):>10} {dtype:<10} {shape:<16} {s.holders_alive:>5} {s.holders_dead:>4} {age:>8}"
+              + (f"  ! {s.problem}" if s.problem else ""))
+    return 0
+
+
+def _gc() -> int:
+    from . import gc
+
+    removed = gc()
+    for name in removed:
+        print(name)
+    print(f"removed {len(removed)} segment(s)", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else 2
+    cmd, rest = args[0], args[1:]
+    if cmd == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(rest)
+    if cmd == "ls":
+        return _ls()
+    if cmd == "gc":
+        return _gc()
+    print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,658 @@
+"""``python -m zcbuf bench``: copy versus zero-copy, against what people use today.
+
+Every figure is the median of several timed repetitions, with the 25th-75th percentile spread;
+every comparison is made side by side in the same run and reported as a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc as _gc
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _buffer
+from ._native import ffi, lib
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 256 * MiB, 1 * GiB]
+SUITES = ("inproc", "interproc", "touch")
+#: copying peers are skipped above these sizes (they take seconds and prove nothing new)
+JSON_MAX = 16 * MiB
+CFFI_MAX = 1 * GiB
+
+
+@dataclass
+class Row:
+    """One measured figure."""
+
+    suite: str
+    method: str
+    size: int
+    median_s: float
+    p25_s: float
+    p75_s: float
+    reps: int
+    note: str = ""
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def fmt_size(n: int) -> str:
+    for unit, k in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= k and n % k == 0:
+            return f"{n // k} {unit}"
+    return f"{n} B"
+
+
+def fmt_time(s: float) -> str:
+    if s != s:  # NaN
+        return "-"
+    if s < 1e-6:
+        return f"{s * 1e9:.0f} ns"
+    if s < 1e-3:
+        return f"{s * 1e6:.2f} µs"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().replace("IB", "").replace("B", "")
+    mult = {"K": KiB, "M": MiB, "G": GiB}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMG" else t
+    return int(float(num) * mult)
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        fill = int(width * self.done / self.total)
+        el = time.perf_counter() - self.t0
+        sys.stderr.write(
+            f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {el:5.0f}s  {label[:48]:<48}"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def measure(fn: Callable[[], Any], reps: int, budget: float = 0.02) -> Tuple[float, float, float, int]:
+    """Median, p25, p75 seconds per call of ``fn`` over ``reps`` timed batches.
+
+    Fast calls are batched so one batch lasts about ``budget`` seconds; slow ones run singly.
+    """
+    t = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t, 1e-9)
+    batch = max(1, min(100_000, int(budget / one)))
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        samples.append((time.perf_counter() - t) / batch)
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return statistics.median(samples), q[0], q[2], reps
+
+
+# --------------------------------------------------------------------------------------------
+# 1. In one process: an array over memory that native code owns
+
+
+def suite_inproc(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
+    rows: List[Row] = []
+    for n in sizes:
+        buf = _buffer.create(n)
+        src = buf.asarray()
+        src[:] = np.arange(n, dtype=np.uint64).astype(np.uint8) if n <= 16 * MiB else 7
+        ptr = ffi.new("uint8_t **")
+        ln = ffi.new("size_t *")
+        lib.zcbuf_acquire(buf.id, ptr, ln)
+        raw = ptr[0]
+
+        def zc() -> Any:
+            return buf.asarray()
+
+        def floor() -> Any:
+            return np.frombuffer(ffi.buffer(raw, n), np.uint8)
+
+        def copy_np() -> Any:
+            return np.copy(src)
+
+        def copy_bytes() -> Any:
+            return np.frombuffer(ffi.buffer(raw, n)[:], np.uint8)
+
+        def cffi_array() -> Any:
+            arr = ffi.new("uint8_t[]", n)
+            ffi.memmove(arr, raw, n)
+            return np.frombuffer(ffi.buffer(arr), np.uint8)
+
+        methods: List[Tuple[str, Callable[[], Any], int, str]] = [
+            ("zcbuf asarray()", zc, reps * 3, ""),
+            ("floor: frombuffer(ffi.buffer)", floor, reps * 3, ""),
+            ("copy: np.copy", copy_np, reps, ""),
+            ("copy: bytes(ffi.buffer)", copy_bytes, reps, ""),
+        ]
+        if n <= CFFI_MAX:
+            methods.append(("copy: ffi.new + memmove", cffi_array, reps, ""))
+        if n <= JSON_MAX:
+            payload = json.dumps(src.tolist()).encode()
+
+            def via_json() -> Any:
+                return np.asarray(json.loads(payload), dtype=np.uint8)
+
+            methods.append(("copy: JSON string parse", via_json, max(3, reps // 2), "parse side only"))
+        for name, fn, r, note in methods:
+            med, p25, p75, k = measure(fn, r)
+            rows.append(Row("inproc", name, n, med, p25, p75, k, note))
+            _gc.collect()
+        prog.step(f"in-process {fmt_size(n)}")
+        lib.zcbuf_release(buf.id)
+        del src
+        buf.free()
+        _gc.collect()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Between processes
+
+
+def _consumer(conn: Any) -> None:
+    """Runs in the consumer process: answers attach/handoff requests until told to stop."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    import zcbuf
+
+    try:
+        import SharedArray  # type: ignore
+    except ImportError:  # pragma: no cover - optional
+        SharedArray = None
+
+    while True:
+        msg = conn.recv()
+        op = msg[0]
+        if op == "stop":
+            return
+        if op == "ping":
+            conn.send("pong")
+        elif op == "attach":  # time attach + array creation, repeated here
+            _, method, name, n, reps = msg
+            samples = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                if method == "zcbuf":
+                    b = zcbuf.open(name)
+                    a = b.asarray()
+                    t1 = time.perf_counter()
+                    del a
+                    b.free()
+                elif method == "shared_memory":
+                    shm = shared_memory.SharedMemory(name=name)
+                    a = np.ndarray((n,), np.uint8, buffer=shm.buf)
+                    t1 = time.perf_counter()
+                    del a
+                    # Python 3.11's tracker would unlink the producer's segment when we exit.
+                    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+                    shm.close()
+                else:  # SharedArray
+                    a = SharedArray.attach(f"shm://{name}")
+                    t1 = time.perf_counter()
+                    del a
+                samples.append(t1 - t)
+            conn.send(samples)
+        elif op == "handoff":  # get an array of the producer's data, answer at once
+            _, method, payload, n = msg
+            if method == "zcbuf":
+                b = zcbuf.open(payload)
+                a = b.asarray()
+            elif method == "shared_memory":
+                shm = shared_memory.SharedMemory(name=payload)
+                a = np.ndarray((n,), np.uint8, buffer=shm.buf)
+            elif method == "SharedArray":
+                a = SharedArray.attach(f"shm://{payload}")
+            else:  # pickle: the array itself came through the pipe
+                a = payload
+            conn.send(("ready", a.nbytes))
+            t = time.perf_counter()
+            total = int(np.add.reduce(a.view(np.uint64), dtype=np.uint64)) if n % 8 == 0 else int(a.sum())
+            red = time.perf_counter() - t
+            # Clean up before answering, so unmapping is not billed to the next handoff.
+            del a
+            if method == "zcbuf":
+                b.free()
+            elif method == "shared_memory":
+                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+                shm.close()
+            del payload, msg  # a pickled array arrived in these
+            _gc.collect()
+            conn.send(("reduced", total, red))
+
+
+def _peers_available() -> Dict[str, bool]:
+    out = {}
+    for mod in ("SharedArray", "ray"):
+        try:
+            __import__(mod)
+            out[mod] = True
+        except ImportError:
+            out[mod] = False
+    return out
+
+
+def suite_interproc(sizes: Sequence[int], reps: int, prog: Progress, peers: Sequence[str]) -> List[Row]:
+    from multiprocessing import shared_memory
+
+    avail = _peers_available()
+    methods = ["zcbuf", "shared_memory", "pickle"]
+    if avail["SharedArray"] and "SharedArray" in peers:
+        methods.append("SharedArray")
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_consumer, args=(child,), daemon=True)
+    proc.start()
+    rows: List[Row] = []
+    try:
+        parent.send(("ping",))
+        parent.recv()
+        # the pipe's own round trip, for reference
+        med, p25, p75, k = measure(lambda: (parent.send(("ping",)), parent.recv()), reps * 3)
+        rows.append(Row("interproc", "pipe round trip (reference)", 0, med, p25, p75, k))
+        for n in sizes:
+            data = np.full(n, 3, np.uint8)
+            expect = int(np.add.reduce(data.view(np.uint64), dtype=np.uint64)) if n % 8 == 0 else int(data.sum())
+            for method in methods:
+                if method == "pickle" and n > 1 * GiB:
+                    continue
+                name, cleanup, attach_ok = _produce(method, data)
+                try:
+                    if attach_ok:
+                        parent.send(("attach", method, name, n, reps * 3))
+                        samples = parent.recv()
+                        q = statistics.quantiles(samples, n=4)
+                        rows.append(
+                            Row("interproc", f"attach: {method}", n, statistics.median(samples), q[0], q[2], len(samples))
+                        )
+                    hand = []
+                    reduce_t = []
+                    for _ in range(max(3, reps // 2) if n >= 256 * MiB else reps):
+                        t = time.perf_counter()
+                        parent.send(("handoff", method, data if method == "pickle" else name, n))
+                        assert parent.recv()[0] == "ready"
+                        hand.append(time.perf_counter() - t)
+                        _, total, red = parent.recv()
+                        if total != expect:
+                            raise RuntimeError(f"{method} handed over wrong data at {n} bytes")
+                        reduce_t.append(red)
+                    q = statistics.quantiles(hand, n=4) if len(hand) > 1 else [hand[0]] * 3
+                    rows.append(
+                        Row(
+                            "interproc",
+                            f"handoff: {method}",
+                            n,
+                            statistics.median(hand),
+                            q[0],
+                            q[2],
+                            len(hand),
+                            extra={"reduce_s": statistics.median(reduce_t)},
+                        )
+                    )
+                finally:
+                    cleanup()
+                prog.step(f"between processes {fmt_size(n)} {method}")
+            del data
+            _gc.collect()
+    finally:
+        parent.send(("stop",))
+        proc.join(10)
+    return rows
+
+
+def _produce(method: str, data: np.ndarray) -> Tuple[str, Callable[[], None], bool]:
+    """Put ``data`` where ``method`` shares it; returns (name, cleanup, has-attach)."""
+    from multiprocessing import shared_memory
+
+    n = data.nbytes
+    if method == "zcbuf":
+        buf = _buffer.create(n, shared=True)
+        np.copyto(buf.asarray(), data)
+        return buf.name or "", buf.free, True
+    if method == "shared_memory":
+        shm = shared_memory.SharedMemory(create=True, size=max(n, 1))
+        np.ndarray((n,), np.uint8, buffer=shm.buf)[:] = data
+
+        def done() -> None:
+            shm.close()
+            shm.unlink()
+
+        return shm.name, done, True
+    if method == "SharedArray":
+        import SharedArray  # type: ignore
+
+        name = f"zcbuf-bench-sa-{os.getpid()}"
+        a = SharedArray.create(f"shm://{name}", n, np.uint8)
+        a[:] = data
+        return name, lambda: SharedArray.delete(f"shm://{name}"), True
+    return "", lambda: None, False
+
+
+# --------------------------------------------------------------------------------------------
+# 3. First touch
+
+
+def suite_touch(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
+    rows: List[Row] = []
+    variants = [
+        ("shared, reserved (default)", dict(shared=True)),
+        ("shared, reserved + populate", dict(shared=True, populate=True)),
+        ("shared, no reserve", dict(shared=True, reserve=False)),
+        ("private", dict()),
+        ("private + populate", dict(populate=True)),
+    ]
+    for n in sizes:
+        if n < 1 * MiB:
+            continue
+        for label, kw in variants:
+            create_t, first_t, again_t = [], [], []
+            for _ in range(max(3, reps // 2)):
+                t = time.perf_counter()
+                buf = _buffer.create(n, **kw)  # type: ignore[arg-type]
+                a = buf.asarray()
+                t1 = time.perf_counter()
+                a.fill(1)
+                t2 = time.perf_counter()
+                a.fill(2)
+                t3 = time.perf_counter()
+                create_t.append(t1 - t)
+                first_t.append(t2 - t1)
+                again_t.append(t3 - t2)
+                del a
+                buf.free()
+            med = statistics.median
+            rows.append(
+                Row(
+                    "touch",
+                    label,
+                    n,
+                    med(create_t) + med(first_t),
+                    min(c + f for c, f in zip(create_t, first_t)),
+                    max(c + f for c, f in zip(create_t, first_t)),
+                    len(create_t),
+                    extra={"create_s": med(create_t), "first_write_s": med(first_t), "rewrite_s": med(again_t)},
+                )
+            )
+            prog.step(f"first touch {fmt_size(n)} {label}")
+        _gc.collect()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def _by(rows: List[Row], suite: str, method: str, size: int) -> Optional[Row]:
+    for r in rows:
+        if r.suite == suite and r.method == method and r.size == size:
+            return r
+    return None
+
+
+def table(rows: List[Row]) -> str:
+    out: List[str] = []
+    sizes = sorted({r.size for r in rows if r.size})
+
+    def grid(title: str, suite: str, methods: List[str], ref: Optional[str], ratio_label: str) -> None:
+        present = [m for m in methods if any(r.suite == suite and r.method == m for r in rows)]
+        if not present:
+            return
+        out.append(f"\n## {title}\n")
+        head = ["method"] + [fmt_size(s) for s in sizes if any(r.size == s and r.suite == suite for r in rows)]
+        cols = [s for s in sizes if any(r.size == s and r.suite == suite for r in rows)]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for m in present:
+            cells = [m]
+            for s in cols:
+                r = _by(rows, suite, m, s)
+                if r is None:
+                    cells.append("-")
+                    continue
+                cell = fmt_time(r.median_s)
+                if ref and m != ref:
+                    rr = _by(rows, suite, ref, s)
+                    if rr and rr.median_s > 0:
+                        cell += f" ({r.median_s / rr.median_s:.3g}x)"
+                cells.append(cell)
+            out.append("| " + " | ".join(cells) + " |")
+        if ratio_label:
+            out.append(f"\n{ratio_label}")
+
+    inproc_methods = sorted({r.method for r in rows if r.suite == "inproc"}, key=lambda m: (not m.startswith("zcbuf"), not m.startswith("floor"), m))
+    grid(
+        "1. In one process: make a NumPy array of native memory (median per handoff)",
+        "inproc",
+        inproc_methods,
+        "zcbuf asarray()",
+        "(ratios are to zcbuf asarray() at the same size)",
+    )
+    attach = sorted({r.method for r in rows if r.suite == "interproc" and r.method.startswith("attach")})
+    grid("2a. Between processes: open by name + make the array, in the consumer", "interproc", attach, "attach: zcbuf", "(ratios are to zcbuf)")
+    hand = sorted({r.method for r in rows if r.suite == "interproc" and r.method.startswith("handoff")})
+    grid(
+        "2b. Between processes: producer's data -> array in the consumer (incl. one pipe round trip)",
+        "interproc",
+        hand,
+        "handoff: zcbuf",
+        "(ratios are to zcbuf)",
+    )
+    ping = [r for r in rows if r.method == "pipe round trip (reference)"]
+    if ping:
+        out.append(f"\npipe round trip alone: {fmt_time(ping[0].median_s)}")
+    touch = [r for r in rows if r.suite == "touch"]
+    if touch:
+        out.append("\n## 3. First touch: create + first write versus rewrite (median)\n")
+        out.append("| size | variant | create | first write | rewrite | create+first per GiB |")
+        out.append("|---|---|---|---|---|---|")
+        for r in touch:
+            e = r.extra
+            out.append(
+                f"| {fmt_size(r.size)} | {r.method} | {fmt_time(e['create_s'])} | {fmt_time(e['first_write_s'])} | "
+                f"{fmt_time(e['rewrite_s'])} | {fmt_time((e['create_s'] + e['first_write_s']) * GiB / r.size)} |"
+            )
+    out.append("\n" + "\n".join(targets(rows)))
+    return "\n".join(out)
+
+
+def targets(rows: List[Row]) -> List[str]:
+    """The issue's targets, checked against this run's figures (reported, never enforced)."""
+    lines = ["## Targets (this run)"]
+    sizes = sorted({r.size for r in rows if r.suite == "inproc"})
+    if sizes:
+        worst = 0.0
+        for s in sizes:
+            z, f = _by(rows, "inproc", "zcbuf asarray()", s), _by(rows, "inproc", "floor: frombuffer(ffi.buffer)", s)
+            if z and f:
+                worst = max(worst, z.median_s / f.median_s)
+        lines.append(f"- asarray() / floor, worst size: {worst:.2f}x (target <= 1.5x)")
+        lo, hi = _by(rows, "inproc", "zcbuf asarray()", sizes[0]), _by(rows, "inproc", "zcbuf asarray()", sizes[-1])
+        if lo and hi:
+            lines.append(
+                f"- asarray() at {fmt_size(sizes[-1])} / at {fmt_size(sizes[0])}: {hi.median_s / lo.median_s:.2f}x (target <= 1.3x)"
+            )
+    big = max((r.size for r in rows if r.suite == "interproc"), default=0)
+    if big:
+        z, s = _by(rows, "interproc", "attach: zcbuf", big), _by(rows, "interproc", "attach: shared_memory", big)
+        if z and s:
+            lines.append(
+                f"- attach at {fmt_size(big)}: zcbuf {fmt_time(z.median_s)} vs shared_memory {fmt_time(s.median_s)} "
+                f"({s.median_s / z.median_s:.2f}x faster; target > 1x)"
+            )
+        zs = [r for r in rows if r.method == "attach: zcbuf"]
+        if len(zs) > 1:
+            zs.sort(key=lambda r: r.size)
+            lines.append(f"- attach flatness: {fmt_size(zs[-1].size)} / {fmt_size(zs[0].size)} = {zs[-1].median_s / zs[0].median_s:.2f}x")
+        zh, ph = _by(rows, "interproc", "handoff: zcbuf", big), _by(rows, "interproc", "handoff: pickle", big)
+        if zh and ph:
+            lines.append(
+                f"- handoff of {fmt_size(big)}: pickle/Pipe {fmt_time(ph.median_s)} vs zcbuf {fmt_time(zh.median_s)} = "
+                f"{ph.median_s / zh.median_s:.0f}x (target >= 1000x)"
+            )
+    return lines
+
+
+def plot(rows: List[Row], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [("inproc", "In one process: array of native memory", lambda m: True)]
+    if any(r.suite == "interproc" for r in rows):
+        panels.append(("interproc", "Between processes: handoff to consumer", lambda m: m.startswith("handoff")))
+        panels.append(("interproc", "Between processes: attach + array", lambda m: m.startswith("attach")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    for ax, (suite, title, keep) in zip(axes[0], panels):
+        methods = sorted({r.method for r in rows if r.suite == suite and r.size and keep(r.method)})
+        for m in methods:
+            pts = sorted((r.size, r.median_s, r.p25_s, r.p75_s) for r in rows if r.suite == suite and r.method == m and r.size)
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            err = [[max(p[1] - p[2], 0) for p in pts], [max(p[3] - p[1], 0) for p in pts]]
+            style = "-o" if "zcbuf" in m else "--s" if "floor" in m else ":^"
+            ax.errorbar(xs, ys, yerr=err, fmt=style, label=m, capsize=2, linewidth=2 if "zcbuf" in m else 1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("size (bytes)")
+        ax.set_ylabel("time per handoff (s, median; bars p25-p75)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def machine() -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["mem_total_kib"] = int(f.readline().split()[1])
+    except OSError:
+        pass
+    return info
+
+
+def mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * KiB
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zcbuf bench", description=__doc__)
+    p.add_argument("--sizes", default=",".join(fmt_size(s).replace(" ", "") for s in DEFAULT_SIZES),
+                   help="comma-separated sizes, e.g. 4KiB,1MiB,1GiB (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions per figure (default: %(default)s)")
+    p.add_argument("--suites", default=",".join(SUITES), help=f"which suites: {','.join(SUITES)}")
+    p.add_argument("--peers", default="SharedArray", help="optional peers to include when installed")
+    p.add_argument("--out", default="bench-results", help="directory for results.json, results.csv, bench.png")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a smoke run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    sizes = [parse_size(s) for s in a.sizes.split(",") if s.strip()]
+    reps = a.reps
+    if a.quick:
+        sizes, reps = [4 * KiB, 1 * MiB, 16 * MiB], 5
+    if reps < 3:
+        p.error("--reps must be at least 3")
+    avail = mem_available()
+    fit = [s for s in sizes if 4 * s <= avail]
+    if len(fit) < len(sizes):
+        print(f"skipping sizes above {fmt_size(max(fit or [0]))}: not enough free memory", file=sys.stderr)
+    sizes = fit
+    suites = [s.strip() for s in a.suites.split(",") if s.strip()]
+    for s in suites:
+        if s not in SUITES:
+            p.error(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
+    peers = [x.strip() for x in a.peers.split(",") if x.strip()]
+    steps = (len(sizes) if "inproc" in suites else 0) + (len(sizes) * 3 if "interproc" in suites else 0)
+    steps += sum(5 for s in sizes if s >= MiB) if "touch" in suites else 0
+    prog = Progress(steps, enabled=not a.no_progress and sys.stderr.isatty())
+    rows: List[Row] = []
+    t0 = time.perf_counter()
+    if "inproc" in suites:
+        rows += suite_inproc(sizes, reps, prog)
+    if "interproc" in suites:
+        rows += suite_interproc(sizes, reps, prog, peers)
+    if "touch" in suites:
+        rows += suite_touch(sizes, reps, prog)
+    prog.close()
+    elapsed = time.perf_counter() - t0
+    os.makedirs(a.out, exist_ok=True)
+    meta = {"machine": machine(), "elapsed_s": elapsed, "reps": reps, "sizes": sizes,
+            "peers_available": _peers_available()}
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["suite", "method", "size", "median_s", "p25_s", "p75_s", "reps", "note", "extra"])
+        for r in rows:
+            w.writerow([r.suite, r.method, r.size, r.median_s, r.p25_s, r.p75_s, r.reps, r.note, json.dumps(r.extra)])
+    print(f"# zcbuf benchmark ({meta['machine'].get('cpu', '?')}, {meta['machine']['cpus']} CPUs, "
+          f"Python {meta['machine']['python']}, NumPy {meta['machine']['numpy']})")
+    print(table(rows))
+    missing = [k for k, v in meta["peers_available"].items() if not v]
+    if missing:
+        print(f"\nnot installed, so not compared: {', '.join(missing)} (pip install them to include)")
+    png = os.path.join(a.out, "bench.png")
+    if plot(rows, png):
+        print(f"\nplot: {png}")
+    else:
+        print("\nno plot: matplotlib is not installed (pip install 'zcbuf[plot]' or matplotlib)")
+    print(f"results: {os.path.join(a.out, 'results.json')}, {os.path.join(a.out, 'results.csv')} ({elapsed:.0f} s)")
+    print("registry micro-benchmarks (acquire/release, create/free, open): cargo bench --bench registry")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
