@@ -45,7 +45,7 @@ fn open_rw(name: &str) -> Result<File> {
 fn inspect(name: &str, reap: bool) -> Result<(SegmentInfo, bool)> {
     let file = open_rw(name)?;
     let where_ = format!("segment {name:?}");
-    let parsed = read_header(&file, page_size(), &where_, false)?;
+    let (parsed, _) = read_header(&file, page_size(), &where_, false)?;
     let hdr = MmapOptions::new()
         .len(parsed.data_offset as usize)
         .map_raw(&file)

@@ -313,7 +313,7 @@ impl Mapped {
         where_: &str,
     ) -> std::result::Result<Mapped, OpenError> {
         let page = page_size();
-        let parsed = read_header(file, page, where_, true).map_err(OpenError::Other)?;
+        let (parsed, key) = read_header(file, page, where_, true).map_err(OpenError::Other)?;
         let off = parsed.data_offset as usize;
         let len = usize::try_from(parsed.data_len)
             .ok()
@@ -354,7 +354,7 @@ impl Mapped {
             readonly,
             origin,
             joined: AtomicBool::new(false),
-            key: key_of(file),
+            key,
             meta: parsed.meta,
         };
         if shared && header_writable {
@@ -473,14 +473,19 @@ impl Drop for Mapped {
 
 /// Reads and validates the header of `file`, waiting briefly for a creator that is still
 /// writing it (the magic is published last).
-pub(crate) fn read_header(file: &File, page: usize, where_: &str, wait: bool) -> Result<Parsed> {
+pub(crate) fn read_header(
+    file: &File,
+    page: usize,
+    where_: &str,
+    wait: bool,
+) -> Result<(Parsed, SegmentKey)> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
     loop {
-        let size = file
+        let md = file
             .metadata()
-            .map_err(|e| Error::from_io(&format!("stat {where_}"), &e))?
-            .len();
-        let mut buf = vec![0u8; HEADER_LEN];
+            .map_err(|e| Error::from_io(&format!("stat {where_}"), &e))?;
+        let size = md.len();
+        let mut buf = [0u8; HEADER_LEN];
         let got = if size >= HEADER_LEN as u64 {
             file.read_exact_at(&mut buf, 0)
                 .map(|_| HEADER_LEN)
@@ -488,7 +493,7 @@ pub(crate) fn read_header(file: &File, page: usize, where_: &str, wait: bool) ->
         } else {
             0
         };
-        let r = header::parse(&buf[..got], size, page, where_);
+        let r = header::parse(&buf[..got], size, page, where_).map(|p| (p, (md.dev(), md.ino())));
         let young = buf[..8].iter().all(|b| *b == 0);
         match r {
             Err(Error::Corrupt(_)) if wait && young && std::time::Instant::now() < deadline => {
