@@ -25,7 +25,7 @@ LD_LIBRARY_PATH=target/release "$out/c_roundtrip"
 if [[ -z "${ZCBUF_SKIP_VALGRIND:-}" ]]; then
   step "valgrind memcheck: the C example"
   LD_LIBRARY_PATH=target/release valgrind --quiet --error-exitcode=99 --leak-check=full \
-    --errors-for-leak-kinds=definite "$out/c_roundtrip" >/dev/null
+    --errors-for-leak-kinds=definite --show-leak-kinds=definite "$out/c_roundtrip" >/dev/null
   echo "valgrind: C example clean"
 
   step "valgrind memcheck: the Rust tests"
@@ -35,5 +35,6 @@ if [[ -z "${ZCBUF_SKIP_VALGRIND:-}" ]]; then
   bash scripts/valgrind-python.sh
 fi
 
-step "pytest"
+step "pytest (soak: ${ZCBUF_SOAK_SECONDS:=60} s; set ZCBUF_SOAK_SECONDS to change)"
+export ZCBUF_SOAK_SECONDS
 python3 -m pytest -q tests/python

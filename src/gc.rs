@@ -9,7 +9,8 @@ use rustix::shm::OFlags;
 
 use crate::error::{Error, Result};
 use crate::header::Meta;
-use crate::holders::Table;
+use crate::header::{self, HEADER_LEN};
+use crate::holders::{Liveness, Table};
 use crate::mapping::{page_size, read_header};
 use crate::shm::{NAME_PREFIX, SHM_DIR};
 
@@ -123,9 +124,36 @@ pub fn list() -> Result<Vec<SegmentInfo>> {
     Ok(out)
 }
 
+/// Whether a segment without a published header was left by a creator that died: its
+/// provisional header names a creator (holder slot 0) that is dead, or, for a `zcbuf-` name with
+/// no header written at all, it is older than 2 seconds.
+fn abandoned(name: &str) -> bool {
+    let p: PathBuf = [SHM_DIR, name].iter().collect();
+    let Ok(f) = std::fs::File::open(&p) else {
+        return false;
+    };
+    let mut buf = vec![0u64; HEADER_LEN / 8];
+    // SAFETY: a u64 buffer viewed as bytes: same memory, any byte pattern is a valid u8.
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), HEADER_LEN) };
+    if std::os::unix::fs::FileExt::read_exact_at(&f, bytes, 0).is_ok() {
+        if !header::looks_provisional(bytes) {
+            return false; // not ours
+        }
+        // SAFETY: `buf` is a HEADER_LEN-byte, 8-aligned private copy that outlives `t`.
+        let t = unsafe { Table::new(buf.as_mut_ptr().cast()) };
+        return t.liveness(0).0 == Liveness::Dead;
+    }
+    name.starts_with(NAME_PREFIX)
+        && std::fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() >= 2)
+}
+
 /// Reaps dead holders of every zcbuf segment and removes the segments no live process holds;
-/// also removes `zcbuf-` segments with no valid header that are older than 10 seconds (left by a
-/// process killed while creating them). Returns the names removed. Nothing a live process holds
+/// also removes segments whose creator died before publishing the header (see [`abandoned`]). Returns the names removed. Nothing a live process holds
 /// is removed.
 pub fn gc() -> Result<Vec<String>> {
     let mut removed = Vec::new();
@@ -134,16 +162,8 @@ pub fn gc() -> Result<Vec<String>> {
             if let Ok((_, true)) = inspect(&name, true) {
                 removed.push(name);
             }
-        } else if name.starts_with(NAME_PREFIX) {
-            let p: PathBuf = [SHM_DIR, &name].iter().collect();
-            let old = std::fs::metadata(&p)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age.as_secs() >= 10);
-            if old && crate::shm::unlink(&name).is_ok() {
-                removed.push(name);
-            }
+        } else if abandoned(&name) && crate::shm::unlink(&name).is_ok() {
+            removed.push(name);
         }
     }
     Ok(removed)

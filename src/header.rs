@@ -259,6 +259,17 @@ pub fn parse(bytes: &[u8], segment_size: u64, page_size: usize, what: &str) -> R
     if ndim > MAX_NDIM {
         return corrupt(format!("{ndim} dimensions exceeds {MAX_NDIM}"));
     }
+    // Unused bytes must be zero: damage there is damage all the same.
+    let unused = [
+        (OFF_HOLDER_CAP + 4, OFF_DTYPE),
+        (OFF_DTYPE + dtype_len, OFF_SHAPE),
+        (OFF_SHAPE + 8 * ndim, OFF_HOLDERS),
+    ];
+    for (a, b) in unused {
+        if let Some(i) = bytes[a..b].iter().position(|x| *x != 0) {
+            return corrupt(format!("reserved header byte {} is not zero", a + i));
+        }
+    }
     let dtype_bytes = &bytes[OFF_DTYPE..OFF_DTYPE + dtype_len];
     let Ok(dtype) = std::str::from_utf8(dtype_bytes) else {
         return corrupt("dtype is not text".into());
@@ -281,6 +292,16 @@ pub fn parse(bytes: &[u8], segment_size: u64, page_size: usize, what: &str) -> R
         created_ns: rd_u64(bytes, OFF_CREATED_NS),
         meta,
     })
+}
+
+/// True for a header that zcbuf began to write but never published: no magic, but this
+/// version's fixed fields (version, header length, holder slot count) in place.
+pub fn looks_provisional(bytes: &[u8]) -> bool {
+    bytes.len() >= HEADER_LEN
+        && rd_u64(bytes, OFF_MAGIC) == 0
+        && rd_u32(bytes, OFF_VERSION) == VERSION
+        && rd_u32(bytes, OFF_HEADER_LEN) as usize == HEADER_LEN
+        && rd_u32(bytes, OFF_HOLDER_CAP) as usize == HOLDER_SLOTS
 }
 
 /// Serialises a header (without the magic, which [`publish`] writes) into `out`

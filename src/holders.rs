@@ -251,6 +251,19 @@ pub(crate) fn join(table: &Table, key: SegmentKey) -> std::result::Result<(), Cl
     Ok(())
 }
 
+/// Writes this process as holder slot 0 into an encoded (not yet published) header.
+pub(crate) fn encode_creator(enc: &mut [u8]) {
+    let me = std::process::id() as u64 | VALID;
+    enc[OFF_HOLDERS..OFF_HOLDERS + 8].copy_from_slice(&me.to_le_bytes());
+    enc[OFF_HOLDERS + 8..OFF_HOLDERS + 16].copy_from_slice(&self_start_time().to_le_bytes());
+}
+
+/// Records that this process holds slot 0 of a segment it has just created
+/// (see [`encode_creator`]).
+pub(crate) fn adopt_creator(key: SegmentKey) {
+    local().insert(key, (0, 1));
+}
+
 /// Drops one handle of this process; the last gives the slot back. Returns true when the caller
 /// must remove the name (no live holder is left anywhere).
 pub(crate) fn part(table: &Table, key: SegmentKey) -> bool {

@@ -121,6 +121,15 @@ fn too_big(len: usize) -> Error {
     ))
 }
 
+/// Classifies a failed mmap: ENOMEM, or EINVAL for a length the address space cannot hold
+/// (valgrind and some kernels say EINVAL), is out-of-memory; the rest as usual.
+fn map_failed(len: usize, what: &str, e: &std::io::Error) -> Error {
+    match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
+        Some(rustix::io::Errno::NOMEM) | Some(rustix::io::Errno::INVAL) => too_big(len),
+        _ => Error::from_io(what, e),
+    }
+}
+
 /// Free bytes on the file system holding `fd`, for error messages.
 fn free_bytes(file: &File) -> Option<u64> {
     let s = rustix::fs::fstatvfs(file).ok()?;
@@ -188,13 +197,9 @@ impl Mapped {
             if opts.populate {
                 mo.populate();
             }
-            let m = mo.map_anon().map_err(|e| {
-                if e.raw_os_error() == Some(rustix::io::Errno::NOMEM.raw_os_error()) {
-                    too_big(len)
-                } else {
-                    Error::from_io(&format!("map {len} anonymous bytes"), &e)
-                }
-            })?;
+            let m = mo
+                .map_anon()
+                .map_err(|e| map_failed(len, &format!("map {len} anonymous bytes"), &e))?;
             Some(MmapRaw::from(m))
         };
         Ok(Mapped {
@@ -227,6 +232,24 @@ impl Mapped {
             .checked_add(len)
             .filter(|t| *t <= isize::MAX as usize)
             .ok_or_else(|| too_big(len))?;
+        let shared = matches!(origin, Origin::Shared { .. });
+        let mut enc = vec![0u8; HEADER_LEN];
+        header::encode(
+            &mut enc,
+            off as u64,
+            len as u64,
+            &opts.meta,
+            std::process::id(),
+        );
+        if shared {
+            // The creator is holder slot 0 from the first byte written, so a creator killed
+            // before publishing is recognised as dead and its half-made segment reaped by gc.
+            holders::encode_creator(&mut enc);
+        }
+        // Header first (without the magic), then reserve: a crash at any point leaves a
+        // segment that gc can attribute.
+        file.write_all_at(&enc, 0)
+            .map_err(|e| Error::from_io(&format!("write the header of {where_}"), &e))?;
         if opts.reserve {
             reserve(file, total as u64, where_, remedy)?;
         } else {
@@ -240,16 +263,7 @@ impl Mapped {
         }
         let hdr = mo
             .map_raw(file)
-            .map_err(|e| Error::from_io(&format!("map {} bytes of {where_}", total), &e))?;
-        let mut enc = vec![0u8; HEADER_LEN];
-        header::encode(
-            &mut enc,
-            off as u64,
-            len as u64,
-            &opts.meta,
-            std::process::id(),
-        );
-        let shared = matches!(origin, Origin::Shared { .. });
+            .map_err(|e| map_failed(total, &format!("map {total} bytes of {where_}"), &e))?;
         let mut m = Mapped {
             header: Some(hdr),
             data: None,
@@ -262,14 +276,8 @@ impl Mapped {
             meta: opts.meta.clone(),
         };
         if shared {
-            match m.table().map(|t| holders::join(&t, m.key)) {
-                Some(Ok(())) => *m.joined.get_mut() = true,
-                Some(Err(ClaimError::Other(e))) => return Err(e),
-                // A brand-new segment cannot be closing.
-                Some(Err(ClaimError::Closing)) | None => {
-                    return Err(Error::Internal("new segment is closing".into()));
-                }
-            }
+            holders::adopt_creator(m.key);
+            *m.joined.get_mut() = true;
         }
         let base = m.header_ptr().expect("header mapped");
         // SAFETY: the header mapping is `off >= HEADER_LEN` bytes, writable, page-aligned, and
@@ -300,7 +308,7 @@ impl Mapped {
             mo.map_raw(file)
         };
         r.map(Some)
-            .map_err(|e| Error::from_io(&format!("map {len} data bytes of {where_}"), &e))
+            .map_err(|e| map_failed(len, &format!("map {len} data bytes of {where_}"), &e))
     }
 
     /// Maps an existing segment or file after validating its header against its real size.

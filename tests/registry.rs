@@ -490,3 +490,36 @@ fn one_process_is_one_holder_however_many_handles() {
     }
     assert!(!shm_exists(&name));
 }
+
+#[test]
+fn gc_removes_half_made_segments_of_dead_creators_only() {
+    use zcbuf::header::{self, HEADER_LEN, Meta};
+    let dead_pid = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let me = std::process::id();
+    let mut names = Vec::new();
+    for (tag, pid, start) in [
+        ("dead", dead_pid, 12345u64),
+        ("alive", me, zcbuf::holders::process_start_time(me).unwrap()),
+    ] {
+        let mut enc = vec![0u8; HEADER_LEN];
+        header::encode(&mut enc, 8192, 0, &Meta::untyped(), pid);
+        // holder slot 0: pid | VALID (bit 33), start time
+        let off = 1152;
+        enc[off..off + 8].copy_from_slice(&(pid as u64 | 1 << 33).to_le_bytes());
+        enc[off + 8..off + 16].copy_from_slice(&start.to_le_bytes());
+        let name = format!("gc-test-{tag}-{me}");
+        std::fs::write(format!("/dev/shm/{name}"), &enc).unwrap();
+        names.push(name);
+    }
+    let removed = zcbuf::gc::gc().unwrap();
+    assert!(removed.contains(&names[0]), "{removed:?}");
+    assert!(!shm_exists(&names[0]));
+    assert!(!removed.contains(&names[1]));
+    assert!(shm_exists(&names[1]), "a live creator's segment stays");
+    zcbuf::shm::unlink(&names[1]).unwrap();
+}
