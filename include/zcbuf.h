@@ -54,6 +54,9 @@
 // Create flag: pre-fault the page tables at creation (`MAP_POPULATE`).
 #define ZCBUF_POPULATE 4
 
+// Create flag: ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`); advice only.
+#define ZCBUF_HUGE_PAGES 8
+
 // Backing kind: an anonymous private mapping.
 #define ZCBUF_KIND_PRIVATE 0
 
@@ -128,7 +131,7 @@ int32_t zcbuf_open_file(const char *path, uint32_t flags, uint64_t *out_id);
 // path; ignored for private buffers. `dtype`: NULL or "" for untyped, else a printable ASCII
 // descriptor of at most 512 bytes with `itemsize` bytes per element; `shape` points to `ndim`
 // (at most 64) dimensions whose product times `itemsize` must equal `len`. `flags`:
-// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`.
+// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`, `ZCBUF_HUGE_PAGES`.
 //
 // # Safety
 // Strings must be NULL or NUL-terminated; `shape` NULL or valid for `ndim` reads; `out_id`

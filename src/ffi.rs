@@ -43,6 +43,8 @@ pub const ZCBUF_READ_ONLY: u32 = 1;
 pub const ZCBUF_NO_RESERVE: u32 = 2;
 /// Create flag: pre-fault the page tables at creation (`MAP_POPULATE`).
 pub const ZCBUF_POPULATE: u32 = 4;
+/// Create flag: ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`); advice only.
+pub const ZCBUF_HUGE_PAGES: u32 = 8;
 
 /// Backing kind: an anonymous private mapping.
 pub const ZCBUF_KIND_PRIVATE: u32 = 0;
@@ -291,7 +293,7 @@ pub unsafe extern "C" fn zcbuf_open_file(path: *const c_char, flags: u32, out_id
 /// path; ignored for private buffers. `dtype`: NULL or "" for untyped, else a printable ASCII
 /// descriptor of at most 512 bytes with `itemsize` bytes per element; `shape` points to `ndim`
 /// (at most 64) dimensions whose product times `itemsize` must equal `len`. `flags`:
-/// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`.
+/// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`, `ZCBUF_HUGE_PAGES`.
 ///
 /// # Safety
 /// Strings must be NULL or NUL-terminated; `shape` NULL or valid for `ndim` reads; `out_id`
@@ -310,7 +312,7 @@ pub unsafe extern "C" fn zcbuf_create_ex(
     out_id: *mut u64,
 ) -> i32 {
     guard(|| {
-        check_flags(flags, ZCBUF_NO_RESERVE | ZCBUF_POPULATE)?;
+        check_flags(flags, ZCBUF_NO_RESERVE | ZCBUF_POPULATE | ZCBUF_HUGE_PAGES)?;
         if out_id.is_null() {
             return Err(null("out_id"));
         }
@@ -347,7 +349,8 @@ pub unsafe extern "C" fn zcbuf_create_ex(
         let opts = CreateOptions::new()
             .meta(meta)
             .reserve(flags & ZCBUF_NO_RESERVE == 0)
-            .populate(flags & ZCBUF_POPULATE != 0);
+            .populate(flags & ZCBUF_POPULATE != 0)
+            .huge_pages(flags & ZCBUF_HUGE_PAGES != 0);
         let id = match kind {
             ZCBUF_KIND_PRIVATE => reg().create(len, &opts)?,
             ZCBUF_KIND_SHARED => {

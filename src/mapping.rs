@@ -47,6 +47,10 @@ pub struct CreateOptions {
     /// Pre-fault the page tables at creation (`MAP_POPULATE`), moving the first-touch page-fault
     /// cost out of the first write. Default false.
     pub populate: bool,
+    /// Ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`): fewer, larger page faults.
+    /// Effective for private buffers when THP is `madvise` or `always`; for shared memory only
+    /// when the kernel's `shmem_enabled` allows it (often `never`). Default false.
+    pub huge_pages: bool,
 }
 
 impl CreateOptions {
@@ -56,6 +60,7 @@ impl CreateOptions {
             meta: Meta::untyped(),
             reserve: true,
             populate: false,
+            huge_pages: false,
         }
     }
     /// Sets the dtype and shape.
@@ -71,6 +76,11 @@ impl CreateOptions {
     /// Sets [`CreateOptions::populate`].
     pub fn populate(mut self, yes: bool) -> Self {
         self.populate = yes;
+        self
+    }
+    /// Sets [`CreateOptions::huge_pages`].
+    pub fn huge_pages(mut self, yes: bool) -> Self {
+        self.huge_pages = yes;
         self
     }
 }
@@ -197,9 +207,22 @@ impl Mapped {
             if opts.populate {
                 mo.populate();
             }
+            if opts.huge_pages && opts.populate {
+                // Advise before faulting, or the pages are already small: map, advise, then
+                // pre-fault by hand below.
+                mo = MmapOptions::new();
+                mo.len(len);
+            }
             let m = mo
                 .map_anon()
                 .map_err(|e| map_failed(len, &format!("map {len} anonymous bytes"), &e))?;
+            if opts.huge_pages {
+                // Advice only: a kernel without THP ignores or refuses it, and that is fine.
+                let _ = m.advise(memmap2::Advice::HugePage);
+                if opts.populate {
+                    let _ = m.advise(memmap2::Advice::PopulateWrite);
+                }
+            }
             Some(MmapRaw::from(m))
         };
         Ok(Mapped {
@@ -264,6 +287,9 @@ impl Mapped {
         let hdr = mo
             .map_raw(file)
             .map_err(|e| map_failed(total, &format!("map {total} bytes of {where_}"), &e))?;
+        if opts.huge_pages {
+            let _ = hdr.advise(memmap2::Advice::HugePage);
+        }
         let mut m = Mapped {
             header: Some(hdr),
             data: None,

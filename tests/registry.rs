@@ -523,3 +523,27 @@ fn gc_removes_half_made_segments_of_dead_creators_only() {
     assert!(shm_exists(&names[1]), "a live creator's segment stays");
     zcbuf::shm::unlink(&names[1]).unwrap();
 }
+
+#[test]
+fn creation_options_keep_memory_zeroed_and_usable() {
+    let r = Registry::new();
+    for o in [
+        opts().populate(true),
+        opts().huge_pages(true),
+        opts().huge_pages(true).populate(true),
+        opts().reserve(false),
+    ] {
+        for id in [
+            r.create(4 << 20, &o).unwrap(),
+            r.create_shared(None, 4 << 20, &o).unwrap(),
+        ] {
+            let l = r.lease(id).unwrap();
+            let mut buf = vec![1u8; 4 << 20];
+            l.read_at(0, &mut buf).unwrap();
+            assert!(buf.iter().all(|b| *b == 0), "{o:?}");
+            l.write_at((4 << 20) - 3, b"end").unwrap();
+            drop(l);
+            r.free(id).unwrap();
+        }
+    }
+}

@@ -334,8 +334,12 @@ def _target(shared: bool, name: Optional[str], path: Optional[PathLike]) -> Tupl
     return lib.ZCBUF_KIND_PRIVATE, ffi.NULL
 
 
-def _flags(reserve: bool, populate: bool) -> int:
-    return (0 if reserve else lib.ZCBUF_NO_RESERVE) | (lib.ZCBUF_POPULATE if populate else 0)
+def _flags(reserve: bool, populate: bool, huge_pages: bool = False) -> int:
+    return (
+        (0 if reserve else lib.ZCBUF_NO_RESERVE)
+        | (lib.ZCBUF_POPULATE if populate else 0)
+        | (lib.ZCBUF_HUGE_PAGES if huge_pages else 0)
+    )
 
 
 def create(
@@ -346,13 +350,15 @@ def create(
     path: Optional[PathLike] = None,
     reserve: bool = True,
     populate: bool = False,
+    huge_pages: bool = False,
 ) -> Buffer:
     """A zero-filled buffer of ``nbytes`` raw bytes.
 
     Private by default; ``shared=True`` (or a ``name``) makes a POSIX shared-memory segment that
     other processes open with :func:`open`; ``path`` makes a memory-mapped file. Pages are
     reserved up front (``reserve=False`` gives up the guarantee that a full /dev/shm is an
-    error here rather than a crash later); ``populate=True`` pre-faults them.
+    error here rather than a crash later); ``populate=True`` pre-faults them;
+    ``huge_pages=True`` asks for transparent huge pages (private buffers; advice only).
 
     >>> with zcbuf.create(1 << 20, shared=True) as buf:
     ...     buf.asarray()[:4] = 7
@@ -363,7 +369,7 @@ def create(
     kind, target = _target(shared, name, path)
     out = ffi.new("uint64_t *")
     check(
-        lib.zcbuf_create_ex(kind, target, n, ffi.NULL, 0, ffi.NULL, 0, _flags(reserve, populate), out)
+        lib.zcbuf_create_ex(kind, target, n, ffi.NULL, 0, ffi.NULL, 0, _flags(reserve, populate, huge_pages), out)
     )
     return Buffer(out[0], owned=True)
 
@@ -377,6 +383,7 @@ def empty(
     path: Optional[PathLike] = None,
     reserve: bool = True,
     populate: bool = False,
+    huge_pages: bool = False,
 ) -> Buffer:
     """A typed buffer whose dtype and shape are stored with it (memory is zero-filled).
 
@@ -395,7 +402,7 @@ def empty(
     out = ffi.new("uint64_t *")
     check(
         lib.zcbuf_create_ex(
-            kind, target, nbytes, text, dt.itemsize, dims, len(shp), _flags(reserve, populate), out
+            kind, target, nbytes, text, dt.itemsize, dims, len(shp), _flags(reserve, populate, huge_pages), out
         )
     )
     return Buffer(out[0], owned=True)

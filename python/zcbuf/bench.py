@@ -368,8 +368,11 @@ def suite_touch(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
         ("shared, reserved (default)", dict(shared=True)),
         ("shared, reserved + populate", dict(shared=True, populate=True)),
         ("shared, no reserve", dict(shared=True, reserve=False)),
-        ("private", dict()),
+        ("shared + huge pages", dict(shared=True, huge_pages=True)),
+        ("private (default)", dict()),
         ("private + populate", dict(populate=True)),
+        ("private + huge pages", dict(huge_pages=True)),
+        ("private + huge pages + populate", dict(huge_pages=True, populate=True)),
     ]
     for n in sizes:
         if n < 1 * MiB:
@@ -616,7 +619,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
     peers = [x.strip() for x in a.peers.split(",") if x.strip()]
     steps = (len(sizes) if "inproc" in suites else 0) + (len(sizes) * 3 if "interproc" in suites else 0)
-    steps += sum(5 for s in sizes if s >= MiB) if "touch" in suites else 0
+    steps += sum(8 for s in sizes if s >= MiB) if "touch" in suites else 0
     prog = Progress(steps, enabled=not a.no_progress and sys.stderr.isatty())
     rows: List[Row] = []
     t0 = time.perf_counter()
