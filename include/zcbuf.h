@@ -146,6 +146,13 @@ int32_t zcbuf_create_ex(uint32_t kind, const char *name_or_path, size_t len, con
 // `out_ptr` and `out_len` must be NULL or valid for a write.
 int32_t zcbuf_acquire(uint64_t id, uint8_t **out_ptr, size_t *out_len);
 
+// `zcbuf_acquire` and `zcbuf_info` in one call: takes a lease on `id`, writes its data address
+// and length, and fills `out_info` (which may be NULL).
+//
+// # Safety
+// `out_ptr` and `out_len` must be NULL or valid for a write; `out_info` NULL or writable.
+int32_t zcbuf_acquire_info(uint64_t id, uint8_t **out_ptr, size_t *out_len, zcbuf_info_t *out_info);
+
 // Gives back one lease on `id` (also after `zcbuf_free`); the last lease of a freed buffer
 // unmaps it. Releasing more often than acquiring gives `ZCBUF_EINVAL`.
 int32_t zcbuf_release(uint64_t id);

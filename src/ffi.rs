@@ -399,6 +399,59 @@ pub unsafe extern "C" fn zcbuf_acquire(id: u64, out_ptr: *mut *mut u8, out_len: 
     })
 }
 
+/// `zcbuf_acquire` and `zcbuf_info` in one call: takes a lease on `id`, writes its data address
+/// and length, and fills `out_info` (which may be NULL).
+///
+/// # Safety
+/// `out_ptr` and `out_len` must be NULL or valid for a write; `out_info` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_acquire_info(
+    id: u64,
+    out_ptr: *mut *mut u8,
+    out_len: *mut usize,
+    out_info: *mut ZcbufInfo,
+) -> i32 {
+    guard(|| {
+        if out_ptr.is_null() {
+            return Err(null("out_ptr"));
+        }
+        if out_len.is_null() {
+            return Err(null("out_len"));
+        }
+        let info = if out_info.is_null() {
+            None
+        } else {
+            Some(reg().info(id)?)
+        };
+        let (p, n) = reg().acquire(id)?;
+        // SAFETY: all three checked non-NULL (or skipped); the caller guarantees writability.
+        unsafe {
+            out_ptr.write(p.as_ptr());
+            out_len.write(n);
+            if let Some(i) = info {
+                out_info.write(info_of(&i));
+            }
+        }
+        Ok(())
+    })
+}
+
+fn info_of(i: &crate::registry::Info) -> ZcbufInfo {
+    ZcbufInfo {
+        kind: match i.kind {
+            Kind::Private => ZCBUF_KIND_PRIVATE,
+            Kind::Shared => ZCBUF_KIND_SHARED,
+            Kind::File => ZCBUF_KIND_FILE,
+        },
+        readonly: u32::from(i.readonly),
+        len: i.len,
+        itemsize: i.meta.itemsize,
+        ndim: i.meta.shape.len() as u32,
+        dtype_len: i.meta.dtype.len() as u32,
+        leases: i.leases,
+    }
+}
+
 /// Gives back one lease on `id` (also after `zcbuf_free`); the last lease of a freed buffer
 /// unmaps it. Releasing more often than acquiring gives `ZCBUF_EINVAL`.
 #[unsafe(no_mangle)]
@@ -498,20 +551,7 @@ pub unsafe extern "C" fn zcbuf_info(id: u64, out: *mut ZcbufInfo) -> i32 {
         if out.is_null() {
             return Err(null("out"));
         }
-        let i = reg().info(id)?;
-        let v = ZcbufInfo {
-            kind: match i.kind {
-                Kind::Private => ZCBUF_KIND_PRIVATE,
-                Kind::Shared => ZCBUF_KIND_SHARED,
-                Kind::File => ZCBUF_KIND_FILE,
-            },
-            readonly: u32::from(i.readonly),
-            len: i.len,
-            itemsize: i.meta.itemsize,
-            ndim: i.meta.shape.len() as u32,
-            dtype_len: i.meta.dtype.len() as u32,
-            leases: i.leases,
-        };
+        let v = info_of(&reg().info(id)?);
         // SAFETY: checked non-NULL above.
         unsafe { put(out, v, "out") }
     })

@@ -73,6 +73,14 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
+/// Clears a dead holder's slot, but only if it still holds exactly the dead value `v`: a fresh
+/// claim made meanwhile is left alone.
+fn clear_if(w: &AtomicU64, t: &AtomicU64, v: u64) {
+    if w.compare_exchange(v, 0, SeqCst, SeqCst).is_ok() {
+        t.store(0, SeqCst);
+    }
+}
+
 impl Table {
     /// # Safety
     /// `header` must point to a mapped, writable, page-aligned zcbuf header of at least
@@ -165,6 +173,17 @@ impl Table {
 
     /// Clears the slots of dead processes; returns how many live holders remain.
     pub(crate) fn reap(&self) -> usize {
+        self.reap_until(usize::MAX)
+    }
+
+    /// True as soon as one slot is held by a live process; dead slots met on the way are reaped.
+    pub(crate) fn any_live(&self) -> bool {
+        self.reap_until(1) > 0
+    }
+
+    /// Reaps dead slots in order until `enough` live holders have been seen; returns how many
+    /// were seen. (Each liveness check of another process reads /proc: stopping early matters.)
+    fn reap_until(&self, enough: usize) -> usize {
         let mut live = 0;
         for i in 0..HOLDER_SLOTS {
             let (w, t) = self.slot(i);
@@ -173,13 +192,13 @@ impl Table {
                 continue;
             }
             match self.liveness(i).0 {
-                Liveness::Alive => live += 1,
-                Liveness::Dead => {
-                    // Only clear the exact dead value: a fresh claim is left alone.
-                    if w.compare_exchange(v, 0, SeqCst, SeqCst).is_ok() {
-                        t.store(0, SeqCst);
+                Liveness::Alive => {
+                    live += 1;
+                    if live >= enough {
+                        break;
                     }
                 }
+                Liveness::Dead => clear_if(w, t, v),
                 Liveness::Empty => {}
             }
         }
@@ -202,9 +221,12 @@ impl Table {
     /// After this process gave its slot back: returns true when the caller must remove the
     /// name (no live holder is left and the state is now *closing*, for good).
     pub(crate) fn try_close(&self) -> bool {
-        if self.reap() > 0 {
+        // Common case first: another holder is alive; finding one is enough (each liveness
+        // check of another process reads /proc, a few µs), the dead are reaped when closing.
+        if self.any_live() {
             return false;
         }
+        self.reap();
         if self
             .state()
             .compare_exchange(0, CLOSING, SeqCst, SeqCst)

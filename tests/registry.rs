@@ -547,3 +547,32 @@ fn creation_options_keep_memory_zeroed_and_usable() {
         }
     }
 }
+
+#[test]
+fn fifo_and_unpublished_headers_are_refused_without_hanging() {
+    let r = Registry::new();
+    let d = tmpdir("fifo");
+    let fifo = d.join("pipe");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let e = r.open_file(&fifo, true).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+
+    // A header whose magic was never published: the opener waits briefly, then says corrupt.
+    let name = format!("zcbuf-test-unpublished-{}", std::process::id());
+    let mut enc = vec![0u8; zcbuf::header::HEADER_LEN];
+    zcbuf::header::encode(&mut enc, 8192, 0, &Meta::untyped(), 1);
+    enc.resize(8192, 0);
+    std::fs::write(format!("/dev/shm/{name}"), &enc).unwrap();
+    let t = std::time::Instant::now();
+    let e = r.open_shared(&name, false).unwrap_err();
+    assert!(matches!(e, Error::Corrupt(_)), "{e}");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(400));
+    zcbuf::shm::unlink(&name).unwrap();
+}

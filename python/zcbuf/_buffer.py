@@ -28,8 +28,7 @@ _KIND_NAMES = {
 _new = ffi.new
 _gc = ffi.gc
 _ffi_buffer = ffi.buffer
-_info = lib.zcbuf_info
-_acquire = lib.zcbuf_acquire
+_acquire_info = lib.zcbuf_acquire_info
 _free = lib.zcbuf_free
 _rel = lib.zcbuf_release
 _SHARED = lib.ZCBUF_KIND_SHARED
@@ -90,11 +89,14 @@ class Buffer:
         self._owned = False  # set last: __del__ must not free what a failed __init__ did not own
         self._mem = None
         info = _new("zcbuf_info_t *")
-        check(_info(id_, info))
         ptr = _new("uint8_t **")
         n = _new("size_t *")
+        status = _acquire_info(id_, ptr, n, info)
+        if status:
+            if owned:  # we were handed ownership of the id: do not leak it
+                lib.zcbuf_free(id_)
+            check(status)
         try:
-            check(_acquire(id_, ptr, n))
             # The lease is released when the last reference to this cdata goes: the Buffer's and
             # those of every array made from it (through ffi.buffer -> memoryview -> ndarray).
             cdata = _gc(ptr[0], _release(id_))
@@ -137,9 +139,12 @@ class Buffer:
     def __del__(self) -> None:
         # Policy: a buffer this object owns (created or opened here) is freed when collected;
         # arrays made from it keep its memory mapped until they are collected too.
-        if self._owned and self._mem is not None:
-            self._mem = None
-            _free(self._id)
+        try:
+            if self._owned and self._mem is not None:
+                self._mem = None
+                _free(self._id)
+        except Exception:  # noqa: BLE001 - never raise from a finalizer (e.g. at shutdown)
+            pass
 
     # -- properties -------------------------------------------------------------------------
 

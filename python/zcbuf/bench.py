@@ -182,7 +182,7 @@ def suite_inproc(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
 
 def _consumer(conn: Any) -> None:
     """Runs in the consumer process: answers attach/handoff requests until told to stop."""
-    from multiprocessing import resource_tracker, shared_memory
+    from multiprocessing import shared_memory
 
     import zcbuf
 
@@ -214,8 +214,8 @@ def _consumer(conn: Any) -> None:
                     a = np.ndarray((n,), np.uint8, buffer=shm.buf)
                     t1 = time.perf_counter()
                     del a
-                    # Python 3.11's tracker would unlink the producer's segment when we exit.
-                    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+                    # This spawned consumer shares the producer's resource tracker, which tracks
+                    # the name once and forgets it when the producer unlinks it.
                     shm.close()
                 else:  # SharedArray
                     a = SharedArray.attach(f"shm://{name}")
@@ -244,7 +244,6 @@ def _consumer(conn: Any) -> None:
             if method == "zcbuf":
                 b.free()
             elif method == "shared_memory":
-                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
                 shm.close()
             del payload, msg  # a pickled array arrived in these
             _gc.collect()
