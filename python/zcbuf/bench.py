@@ -252,7 +252,7 @@ def _consumer(conn: Any) -> None:
 
 def _peers_available() -> Dict[str, bool]:
     out = {}
-    for mod in ("SharedArray", "ray"):
+    for mod in ("SharedArray",):
         try:
             __import__(mod)
             out[mod] = True
