@@ -35,7 +35,11 @@ class Segment:
 
 
 def ls() -> List[Segment]:
-    """The zcbuf segments in /dev/shm visible to this user, with their holders alive/dead."""
+    """The zcbuf segments in /dev/shm visible to this user, with their holders alive/dead.
+
+    >>> [(s.name, s.holders_alive, s.holders_dead) for s in zcbuf.ls()]
+    [('zcbuf-3f2a...', 1, 0)]
+    """
     n = ffi.new("size_t *")
     cap = 1 << 16
     while True:
@@ -70,6 +74,9 @@ def gc() -> List[str]:
     """Reap holders that died (killed, crashed) and remove segments no live process holds.
 
     Returns the names removed. Nothing a live process holds is ever removed.
+
+    >>> zcbuf.gc()          # after a worker was SIGKILLed while it was the last holder
+    ['zcbuf-3f2a...']
     """
     cap = 1 << 20
     buf = ffi.new("char[]", cap)
@@ -81,5 +88,8 @@ def gc() -> List[str]:
 
 
 def unlink(name: str) -> None:
-    """Remove a segment's name now, whoever holds it (their arrays stay valid)."""
+    """Remove a segment's name now, whoever holds it (their arrays stay valid).
+
+    >>> zcbuf.unlink("camera-0")    # new opens fail; existing arrays keep working
+    """
     check(lib.zcbuf_unlink(name.encode("utf-8")))

@@ -49,7 +49,7 @@ def _text(fn: Any, id_: int) -> str:
     check(fn(id_, ffi.NULL, 0, n))
     buf = ffi.new("char[]", n[0] + 1)
     check(fn(id_, buf, n[0] + 1, n))
-    return ffi.string(buf).decode("utf-8", "surrogateescape")
+    return str(ffi.string(buf).decode("utf-8", "surrogateescape"))
 
 
 class Buffer:
@@ -259,6 +259,8 @@ class Buffer:
         Arrays already made stay valid; the memory is unmapped when the last is collected. A
         file buffer is flushed to disk; a shared buffer's name is removed when no live process
         holds it any more.
+
+        >>> a = buf.asarray(); buf.free(); a[0]    # still valid
         """
         # No lock: two threads racing here both call zcbuf_free; the loser gets "not found",
         # which is ignored below, so free stays idempotent.
@@ -423,7 +425,12 @@ def from_array(
     name: Optional[str] = None,
     path: Optional[PathLike] = None,
 ) -> Buffer:
-    """A new typed buffer holding a copy of ``array`` (one copy, to share it from then on)."""
+    """A new typed buffer holding a copy of ``array`` (one copy, to share it from then on).
+
+    >>> buf = zcbuf.from_array(np.arange(6.0).reshape(2, 3), shared=True)
+    >>> zcbuf.open(buf.name).asarray()[1, 2]
+    5.0
+    """
     a = np.asarray(array)
     buf = empty(a.shape, a.dtype, shared=shared, name=name, path=path)
     try:
@@ -439,6 +446,8 @@ def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the co
 
     Its header is validated first; a typed buffer gives its typed array. ``readonly=True`` maps
     it ``PROT_READ``: its arrays are not writeable and cannot be made so.
+
+    >>> frames = zcbuf.open("camera-0", readonly=True).asarray()   # in a worker process
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, not {type(name).__name__}")
@@ -448,7 +457,12 @@ def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the co
 
 
 def open_file(path: PathLike, *, readonly: bool = False) -> Buffer:
-    """Open a file made by zcbuf (typed as it was created); its header is validated first."""
+    """Open a file made by zcbuf (typed as it was created); its header is validated first.
+
+    >>> zcbuf.empty((3,), "i8", path="/tmp/counts.zcbuf").free()
+    >>> zcbuf.open_file("/tmp/counts.zcbuf").asarray()
+    array([0, 0, 0])
+    """
     out = ffi.new("uint64_t *")
     check(lib.zcbuf_open_file(os.fsencode(path), lib.ZCBUF_READ_ONLY if readonly else 0, out))
     return Buffer(out[0], owned=True)
@@ -459,6 +473,9 @@ def get(id: int) -> Buffer:  # noqa: A002 - the contract's name
 
     The returned object takes its own lease; it does not free the id when collected (the
     creator owns it), but :meth:`Buffer.free` does retire it.
+
+    >>> buf_id = my_extension.make_frame()        # a C function that called zcbuf_create
+    >>> frame = zcbuf.get(buf_id).asarray()
     """
     i = operator.index(id)
     if not 0 < i < 2**64:

@@ -6,10 +6,7 @@ import ast
 
 import numpy as np
 
-try:  # NumPy 2
-    from numpy.lib.format import descr_to_dtype, dtype_to_descr
-except ImportError:  # pragma: no cover
-    from numpy.lib.format import descr_to_dtype, dtype_to_descr  # type: ignore
+from numpy.lib.format import descr_to_dtype, dtype_to_descr
 
 from ._errors import CorruptError, InvalidArgumentError
 

@@ -101,7 +101,7 @@ def last_error() -> str:
     if n >= 1024:
         buf = ffi.new("char[]", n + 1)
         lib.zcbuf_last_error(buf, n + 1)
-    return ffi.string(buf).decode("utf-8", "replace")
+    return str(ffi.string(buf).decode("utf-8", "replace"))
 
 
 def check(status: int) -> None:
