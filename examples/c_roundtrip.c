@@ -34,6 +34,24 @@ int main(void) {
     CHECK(zcbuf_name(id, name, sizeof name, &name_len), ZCBUF_OK);
     printf("created shared buffer id=%llu name=%s\n", (unsigned long long)id, name);
 
+    /* it is listed, with this process as its one live holder; gc leaves it alone */
+    {
+        size_t need = 0, removed = 0;
+        CHECK(zcbuf_list(NULL, 0, &need), ZCBUF_OK);
+        char *text = malloc(need + 1);
+        if (!text) return 2;
+        CHECK(zcbuf_list(text, need + 1, &need), ZCBUF_OK);
+        char *line = strstr(text, name);
+        /* fields: name, len, dtype, shape, alive, dead, ... */
+        if (!line || !strstr(line, "\t1048576\t\t\t1\t0\t")) {
+            fprintf(stderr, "FAIL: zcbuf_list does not show %s with one live holder\n", name);
+            failures++;
+        }
+        free(text);
+        CHECK(zcbuf_gc(NULL, 0, NULL, &removed), ZCBUF_OK);
+        CHECK(zcbuf_size(id, &n), ZCBUF_OK); /* still ours after gc */
+    }
+
     /* write through a lease */
     CHECK(zcbuf_acquire(id, &p, &n), ZCBUF_OK);
     for (size_t i = 0; i < n; i++) p[i] = (uint8_t)(i * 7);
@@ -75,10 +93,6 @@ int main(void) {
         fputs("not a zcbuf file", f);
         fclose(f);
         CHECK(zcbuf_open_file(junk, ZCBUF_READ_ONLY, &bad), ZCBUF_ECORRUPT);
-        CHECK(zcbuf_create_file(junk, 16, &bad), ZCBUF_EEXIST); /* never overwrites */
-        remove(junk);
-    }
-    {
         char msg[512];
         size_t full = zcbuf_last_error(msg, sizeof msg);
         printf("a foreign file gives: %s (%zu bytes)\n", msg, full);
@@ -88,6 +102,8 @@ int main(void) {
             fprintf(stderr, "FAIL: truncation of the error message\n");
             failures++;
         }
+        CHECK(zcbuf_create_file(junk, 16, &bad), ZCBUF_EEXIST); /* never overwrites */
+        remove(junk);
     }
 
     /* a private zero-length buffer is valid */

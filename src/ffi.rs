@@ -1,6 +1,6 @@
 //! The C ABI: plain `extern "C"` functions over [`Registry::global`].
 //!
-//! Every export checks its pointers, runs the safe API inside [`guard`] (which catches panics
+//! Every export checks its pointers, runs the safe API inside `guard` (which catches panics
 //! and records the calling thread's error message) and returns a status code. Nothing else lives
 //! here: no logic beyond argument checks and conversion.
 

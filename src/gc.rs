@@ -153,8 +153,8 @@ fn abandoned(name: &str) -> bool {
 }
 
 /// Reaps dead holders of every zcbuf segment and removes the segments no live process holds;
-/// also removes segments whose creator died before publishing the header (see [`abandoned`]). Returns the names removed. Nothing a live process holds
-/// is removed.
+/// also removes segments whose creator died before publishing the header (see `abandoned`).
+/// Returns the names removed. Nothing a live process holds is removed.
 pub fn gc() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for name in names()? {

@@ -304,7 +304,7 @@ pub fn looks_provisional(bytes: &[u8]) -> bool {
         && rd_u32(bytes, OFF_HOLDER_CAP) as usize == HOLDER_SLOTS
 }
 
-/// Serialises a header (without the magic, which [`publish`] writes) into `out`
+/// Serialises a header (without the magic, which `publish` writes) into `out`
 /// (at least [`HEADER_LEN`] bytes, zeroed by the caller).
 pub fn encode(out: &mut [u8], data_offset: u64, data_len: u64, meta: &Meta, creator_pid: u32) {
     let now = std::time::SystemTime::now()
