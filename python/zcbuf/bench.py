@@ -252,7 +252,7 @@ def _consumer(conn: Any) -> None:
 
 def _peers_available() -> Dict[str, bool]:
     out = {}
-    for mod in ("SharedArray",):
+    for mod in ("SharedArray", "ray"):
         try:
             __import__(mod)
             out[mod] = True
@@ -330,6 +330,73 @@ def suite_interproc(sizes: Sequence[int], reps: int, prog: Progress, peers: Sequ
     finally:
         parent.send(("stop",))
         proc.join(10)
+    return rows
+
+
+class _RayConsumer:
+    """The consumer side for Ray's object store (wrapped with ``ray.remote`` at run time)."""
+
+    def ready(self) -> bool:
+        return True
+
+    def attach(self, refs: List[Any], reps: int) -> List[float]:
+        import ray
+
+        samples = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            a = ray.get(refs[0])  # zero-copy, read-only view of the object store
+            samples.append(time.perf_counter() - t)
+            del a
+        return samples
+
+    def take(self, refs: List[Any]) -> int:
+        import ray
+
+        return int(ray.get(refs[0]).nbytes)
+
+    def reduce(self, refs: List[Any]) -> int:
+        import ray
+
+        a = ray.get(refs[0])
+        return int(np.add.reduce(a.view(np.uint64), dtype=np.uint64)) if a.nbytes % 8 == 0 else int(a.sum())
+
+
+def suite_ray(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
+    """Ray's object store: ``ray.put`` in the producer, ``ray.get`` in an actor process."""
+    import ray
+
+    store = int(min(max(3 * max(sizes), 512 * MiB), mem_available() // 3))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=store,
+             ignore_reinit_error=True)
+    rows: List[Row] = []
+    try:
+        consumer = ray.remote(_RayConsumer).remote()  # type: ignore[attr-defined]
+        ray.get(consumer.ready.remote())
+        for n in sizes:
+            data = np.full(n, 3, np.uint8)
+            expect = int(np.add.reduce(data.view(np.uint64), dtype=np.uint64)) if n % 8 == 0 else int(data.sum())
+            ref = ray.put(data)
+            samples = ray.get(consumer.attach.remote([ref], reps * 3))
+            if ray.get(consumer.reduce.remote([ref])) != expect:
+                raise RuntimeError(f"ray handed over wrong data at {n} bytes")
+            del ref
+            q = statistics.quantiles(samples, n=4)
+            rows.append(Row("interproc", "attach: ray", n, statistics.median(samples), q[0], q[2], len(samples)))
+            hand = []
+            for _ in range(max(3, reps // 2) if n >= 256 * MiB else reps):
+                t = time.perf_counter()
+                ref = ray.put(data)  # what a Ray user does: the put copies into the store
+                assert ray.get(consumer.take.remote([ref])) == n
+                hand.append(time.perf_counter() - t)
+                del ref
+            q = statistics.quantiles(hand, n=4)
+            rows.append(Row("interproc", "handoff: ray", n, statistics.median(hand), q[0], q[2], len(hand)))
+            prog.step(f"ray {fmt_size(n)}")
+            del data
+            _gc.collect()
+    finally:
+        ray.shutdown()
     return rows
 
 
@@ -602,7 +669,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="comma-separated sizes, e.g. 4KiB,1MiB,1GiB (default: %(default)s)")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per figure (default: %(default)s)")
     p.add_argument("--suites", default=",".join(SUITES), help=f"which suites: {','.join(SUITES)}")
-    p.add_argument("--peers", default="SharedArray", help="optional peers to include when installed")
+    p.add_argument("--peers", default="SharedArray,ray",
+                   help="optional peers to include when installed (default: %(default)s)")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.csv, bench.png")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a smoke run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -623,15 +691,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if s not in SUITES:
             p.error(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
     peers = [x.strip() for x in a.peers.split(",") if x.strip()]
-    steps = (len(sizes) if "inproc" in suites else 0) + (len(sizes) * 3 if "interproc" in suites else 0)
+    n_peers = 3 + sum(1 for p_ in ("SharedArray", "ray") if p_ in peers and _peers_available()[p_])
+    steps = (len(sizes) if "inproc" in suites else 0) + (len(sizes) * n_peers if "interproc" in suites else 0)
     steps += sum(8 for s in sizes if s >= MiB) if "touch" in suites else 0
     prog = Progress(steps, enabled=not a.no_progress and sys.stderr.isatty())
     rows: List[Row] = []
     t0 = time.perf_counter()
     if "inproc" in suites:
         rows += suite_inproc(sizes, reps, prog)
+    use_ray = "interproc" in suites and "ray" in peers and _peers_available()["ray"]
     if "interproc" in suites:
         rows += suite_interproc(sizes, reps, prog, peers)
+    if use_ray:
+        rows += suite_ray(sizes, reps, prog)
     if "touch" in suites:
         rows += suite_touch(sizes, reps, prog)
     prog.close()
