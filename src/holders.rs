@@ -53,10 +53,17 @@ pub enum Liveness {
     Dead,
 }
 
-/// The start time of this process (clock ticks since boot), read once.
+/// The start time of this process (clock ticks since boot), read once per process: a child
+/// made by `fork` inherits the cache, so it is keyed by pid.
 pub(crate) fn self_start_time() -> u64 {
-    static START: OnceLock<u64> = OnceLock::new();
-    *START.get_or_init(|| process_start_time(std::process::id()).unwrap_or(0))
+    static START: OnceLock<(u32, u64)> = OnceLock::new();
+    let me = std::process::id();
+    let (pid, t) = *START.get_or_init(|| (me, process_start_time(me).unwrap_or(0)));
+    if pid == me {
+        t
+    } else {
+        process_start_time(me).unwrap_or(0)
+    }
 }
 
 /// The start time (field 22 of `/proc/PID/stat`) of a running, non-zombie process.
@@ -248,28 +255,43 @@ impl Table {
 pub(crate) type SegmentKey = (u64, u64);
 
 /// This process's holder slots: one per segment however many handles the process has open,
-/// with a count of those handles. A process is one holder.
-static LOCAL: LazyLock<Mutex<HashMap<SegmentKey, (usize, usize)>>> =
-    LazyLock::new(Default::default);
+/// with a count of those handles. A process is one holder. Entries record the pid that made them:
+/// a child made by `fork` inherits the map but holds none of its parent's slots.
+static LOCAL: LazyLock<Mutex<HashMap<SegmentKey, Holding>>> = LazyLock::new(Default::default);
 
-fn local() -> std::sync::MutexGuard<'static, HashMap<SegmentKey, (usize, usize)>> {
+#[derive(Clone, Copy)]
+struct Holding {
+    pid: u32,
+    slot: usize,
+    handles: usize,
+}
+
+fn local() -> std::sync::MutexGuard<'static, HashMap<SegmentKey, Holding>> {
     // Nothing panics under this lock; a poisoned map is still consistent.
     LOCAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Registers one more handle of this process on the segment, claiming a slot for the first.
 pub(crate) fn join(table: &Table, key: SegmentKey) -> std::result::Result<(), ClaimError> {
+    let me = std::process::id();
     let mut m = local();
-    if let Some(e) = m.get_mut(&key) {
+    if let Some(h) = m.get_mut(&key).filter(|h| h.pid == me) {
         // Already a holder; but a segment being closed must not be joined.
         if table.state().load(SeqCst) & CLOSING != 0 {
             return Err(ClaimError::Closing);
         }
-        e.1 += 1;
+        h.handles += 1;
         return Ok(());
     }
     let slot = table.claim()?;
-    m.insert(key, (slot, 1));
+    m.insert(
+        key,
+        Holding {
+            pid: me,
+            slot,
+            handles: 1,
+        },
+    );
     Ok(())
 }
 
@@ -283,21 +305,28 @@ pub(crate) fn encode_creator(enc: &mut [u8]) {
 /// Records that this process holds slot 0 of a segment it has just created
 /// (see [`encode_creator`]).
 pub(crate) fn adopt_creator(key: SegmentKey) {
-    local().insert(key, (0, 1));
+    let h = Holding {
+        pid: std::process::id(),
+        slot: 0,
+        handles: 1,
+    };
+    local().insert(key, h);
 }
 
 /// Drops one handle of this process; the last gives the slot back. Returns true when the caller
-/// must remove the name (no live holder is left anywhere).
+/// must remove the name (no live holder is left anywhere). A handle inherited through `fork`
+/// holds no slot of this process and changes nothing.
 pub(crate) fn part(table: &Table, key: SegmentKey) -> bool {
+    let me = std::process::id();
     let mut m = local();
-    let Some(e) = m.get_mut(&key) else {
+    let Some(h) = m.get_mut(&key).filter(|h| h.pid == me) else {
         return false;
     };
-    e.1 -= 1;
-    if e.1 > 0 {
+    h.handles -= 1;
+    if h.handles > 0 {
         return false;
     }
-    let slot = e.0;
+    let slot = h.slot;
     m.remove(&key);
     table.release(slot);
     table.try_close()

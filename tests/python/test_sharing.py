@@ -141,3 +141,39 @@ def test_shapes_and_dtypes_round_trip_in_process(shape, code):
         assert b.tobytes() == a.tobytes()
     other.free()
     buf.free()
+
+
+def _fork_child(name, q_in, q_out):
+    b = zcbuf.open(name)
+    q_out.put([(s.holders_alive, s.holders_dead) for s in zcbuf.ls() if s.name == name])
+    q_in.get()  # the parent has freed its handle
+    q_out.put((os.path.exists(f"/dev/shm/{name}"), int(b.asarray().sum())))
+    b.free()
+    q_out.put(os.path.exists(f"/dev/shm/{name}"))
+
+
+def test_fork_children_are_holders_of_their_own():
+    """A forked child inherits the parent's zcbuf state but must hold segments in its own name."""
+    buf = zcbuf.empty((100,), "u1", shared=True)
+    buf.asarray()[:] = 1
+    inherited = zcbuf.create(64, shared=True)  # the child inherits this handle; it frees nothing
+    ctx = mp.get_context("fork")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_fork_child, args=(buf.name, q_in, q_out), daemon=True)
+    p.start()
+    try:
+        assert q_out.get(timeout=30) == [(2, 0)], "the child must hold a slot of its own"
+        name = buf.name
+        buf.free()
+        assert os.path.exists(f"/dev/shm/{name}"), "the forked child still holds it"
+        q_in.put("go")
+        assert q_out.get(timeout=30) == (True, 100)
+        assert q_out.get(timeout=30) is False, "the child was the last holder: name removed"
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+    # the child's exit (and garbage collection of its inherited copy) left the parent's holding
+    assert [(s.holders_alive, s.holders_dead) for s in zcbuf.ls() if s.name == inherited.name] == [(1, 0)]
+    inherited.free()
