@@ -59,6 +59,7 @@ struct Entry {
     /// Cached data address (as an integer so the entry is `Send`).
     addr: usize,
     len: usize,
+    readonly: bool,
     leases: u64,
     retired: bool,
 }
@@ -154,6 +155,7 @@ impl Registry {
         let entry = Entry {
             addr: mapped.data_ptr().as_ptr() as usize,
             len: mapped.len(),
+            readonly: mapped.readonly(),
             mapped: Arc::new(mapped),
             leases: 0,
             retired: false,
@@ -203,12 +205,17 @@ impl Registry {
     /// Takes a lease on `id` and returns its data address and length. The memory stays mapped
     /// until a matching [`Registry::release`] (or until this registry is dropped).
     pub fn acquire(&self, id: u64) -> Result<(NonNull<u8>, usize)> {
+        self.acquire_entry(id).map(|(p, n, _)| (p, n))
+    }
+
+    /// `acquire`, also saying whether the memory is read-only (in the same critical section).
+    fn acquire_entry(&self, id: u64) -> Result<(NonNull<u8>, usize, bool)> {
         let mut map = self.shard(id);
         match map.get_mut(&id) {
             Some(e) if !e.retired => {
                 e.leases += 1;
                 let p = NonNull::new(e.addr as *mut u8).expect("data address is never null");
-                Ok((p, e.len))
+                Ok((p, e.len, e.readonly))
             }
             _ => Err(not_found(id)),
         }
@@ -240,8 +247,7 @@ impl Registry {
 
     /// Takes a lease as a guard that releases it when dropped.
     pub fn lease(&self, id: u64) -> Result<Lease<'_>> {
-        let (ptr, len) = self.acquire(id)?;
-        let readonly = self.info(id).map(|i| i.readonly).unwrap_or(true);
+        let (ptr, len, readonly) = self.acquire_entry(id)?;
         Ok(Lease {
             reg: self,
             id,
