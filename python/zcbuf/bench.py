@@ -371,7 +371,8 @@ def suite_ray(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
              ignore_reinit_error=True)
     rows: List[Row] = []
     try:
-        consumer = ray.remote(_RayConsumer).remote()  # type: ignore[attr-defined]
+        actor_class: Any = ray.remote(_RayConsumer)
+        consumer: Any = actor_class.remote()
         ray.get(consumer.ready.remote())
         for n in sizes:
             data = np.full(n, 3, np.uint8)
