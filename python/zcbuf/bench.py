@@ -493,6 +493,13 @@ def _by(rows: List[Row], suite: str, method: str, size: int) -> Optional[Row]:
     return None
 
 
+def spread(r: Row) -> str:
+    """The interquartile half-range as a percentage of the median, e.g. " ±3%"."""
+    if r.median_s <= 0 or r.reps < 2:
+        return ""
+    return f" ±{50 * (r.p75_s - r.p25_s) / r.median_s:.0f}%"
+
+
 def table(rows: List[Row]) -> str:
     out: List[str] = []
     sizes = sorted({r.size for r in rows if r.size})
@@ -513,7 +520,7 @@ def table(rows: List[Row]) -> str:
                 if r is None:
                     cells.append("-")
                     continue
-                cell = fmt_time(r.median_s)
+                cell = fmt_time(r.median_s) + spread(r)
                 if ref and m != ref:
                     rr = _by(rows, suite, ref, s)
                     if rr and rr.median_s > 0:
@@ -555,6 +562,7 @@ def table(rows: List[Row]) -> str:
                 f"| {fmt_size(r.size)} | {r.method} | {fmt_time(e['create_s'])} | {fmt_time(e['first_write_s'])} | "
                 f"{fmt_time(e['rewrite_s'])} | {fmt_time((e['create_s'] + e['first_write_s']) * GiB / r.size)} |"
             )
+    out.append("\n(± is half the interquartile range, as a percentage of the median)")
     out.append("\n" + "\n".join(targets(rows)))
     return "\n".join(out)
 
