@@ -1,15 +1,31 @@
-//! Opens and frees one shared buffer in a loop: a target for profilers
-//! (`valgrind --tool=callgrind target/release/examples/open_loop 2000 [NAME]`).
+//! Times opening a buffer by name, and what holder registration costs: the same segment opened
+//! as a shared buffer (joins the holder table) and as a file on tmpfs (files have no holders;
+//! otherwise the same stat, header read and mapping). Also a target for profilers:
+//! `perf record target/release/examples/open_loop 200000 NAME`.
+//!
+//! Usage: `open_loop [ITERATIONS] [NAME]`. With NAME, open that segment (made by another process,
+//! as a consumer would); without, make one here.
+use std::time::Instant;
+
 use zcbuf::{CreateOptions, Registry};
 
+fn time_opens(n: usize, mut open: impl FnMut() -> u64, r: &Registry) -> (f64, f64) {
+    let (mut open_ns, t) = (0u128, Instant::now());
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let h = open();
+        open_ns += t0.elapsed().as_nanos();
+        r.free(h).unwrap();
+    }
+    let per = |ns: f64| ns / n as f64 / 1000.0;
+    (per(open_ns as f64), per(t.elapsed().as_nanos() as f64))
+}
+
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20000);
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(20000);
     let r = Registry::global();
-    // With a second argument, open that segment (made by another process) instead of our own.
-    let (id, name) = match std::env::args().nth(2) {
+    let (own, name) = match args.next() {
         Some(name) => (None, name),
         None => {
             let id = r
@@ -18,16 +34,12 @@ fn main() {
             (Some(id), r.name(id).unwrap().unwrap())
         }
     };
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        let h = r.open_shared(&name, false).unwrap();
-        r.free(h).unwrap();
-    }
-    println!(
-        "open+free: {:.2} µs",
-        t.elapsed().as_secs_f64() * 1e6 / n as f64
-    );
-    if let Some(id) = id {
+    let (open, cycle) = time_opens(n, || r.open_shared(&name, false).unwrap(), r);
+    println!("open_shared: open {open:.2} µs, open+free {cycle:.2} µs (holder registration)");
+    let path = format!("/dev/shm/{name}");
+    let (open, cycle) = time_opens(n, || r.open_file(&path, false).unwrap(), r);
+    println!("open_file on tmpfs: open {open:.2} µs, open+free {cycle:.2} µs (no holders)");
+    if let Some(id) = own {
         r.free(id).unwrap();
     }
 }
