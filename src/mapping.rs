@@ -87,7 +87,7 @@ impl CreateOptions {
 
 pub(crate) enum Origin {
     Private,
-    Shared { name: String, created: bool },
+    Shared { name: String },
     File { path: PathBuf },
 }
 
@@ -179,11 +179,16 @@ fn reserve(file: &File, total: u64, where_: &str, remedy: &str) -> Result<()> {
             // byte per block, which allocates it, as posix_fallocate does.
             file.set_len(total)
                 .map_err(|e| Error::from_io(&format!("resize {where_}"), &e))?;
+            // The header (already written) is skipped: a zero lands at HEADER_LEN instead,
+            // which allocates the rest of that block.
             let step = 4096u64;
             let mut off = 0;
             while off < total {
-                file.write_all_at(&[0], off)
-                    .map_err(|e| Error::from_io(&format!("reserve {where_}"), &e))?;
+                let at = off.max(HEADER_LEN as u64);
+                if at < total {
+                    file.write_all_at(&[0], at)
+                        .map_err(|e| Error::from_io(&format!("reserve {where_}"), &e))?;
+                }
                 off += step;
             }
             Ok(())
@@ -204,14 +209,10 @@ impl Mapped {
             }
             let mut mo = MmapOptions::new();
             mo.len(len);
-            if opts.populate {
+            // With huge pages, advise before faulting (else the pages are already small):
+            // map, advise, then pre-fault with MADV_POPULATE_WRITE below.
+            if opts.populate && !opts.huge_pages {
                 mo.populate();
-            }
-            if opts.huge_pages && opts.populate {
-                // Advise before faulting, or the pages are already small: map, advise, then
-                // pre-fault by hand below.
-                mo = MmapOptions::new();
-                mo.len(len);
             }
             let m = mo
                 .map_anon()
@@ -317,7 +318,6 @@ impl Mapped {
         off: u64,
         len: usize,
         readonly: bool,
-        populate: bool,
         where_: &str,
     ) -> Result<Option<MmapRaw>> {
         if len == 0 {
@@ -325,9 +325,6 @@ impl Mapped {
         }
         let mut mo = MmapOptions::new();
         mo.offset(off).len(len);
-        if populate {
-            mo.populate();
-        }
         let r = if readonly {
             mo.map_raw_read_only(file)
         } else {
@@ -375,7 +372,7 @@ impl Mapped {
                 mo.map_raw_read_only(file)
             }
             .map_err(where_map)?;
-            let data = Self::map_data(file, off as u64, len, readonly, false, where_)
+            let data = Self::map_data(file, off as u64, len, readonly, where_)
                 .map_err(OpenError::Other)?;
             (hdr, data, 0)
         };
@@ -453,10 +450,6 @@ impl Mapped {
             _ => None,
         }
     }
-    pub(crate) fn created_here(&self) -> bool {
-        matches!(self.origin, Origin::Shared { created: true, .. })
-    }
-
     /// Writes a file buffer's data and header to disk (msync). A no-op for other backings.
     pub(crate) fn flush(&self) -> Result<()> {
         if self.readonly || !matches!(self.origin, Origin::File { .. }) {

@@ -336,11 +336,6 @@ impl Registry {
             })
             .sum()
     }
-
-    /// Whether a shared buffer created by this process is still its creator's (for diagnostics).
-    pub fn created_here(&self, id: u64) -> Result<bool> {
-        self.with(id, |e| e.mapped.created_here())
-    }
 }
 
 /// A lease on a buffer's memory that is released when dropped.

@@ -101,10 +101,7 @@ pub(crate) fn create(name: Option<&str>, len: usize, opts: &CreateOptions) -> Re
     })?;
     let file = File::from(fd);
     let where_ = format!("/dev/shm (segment {name:?})");
-    let origin = Origin::Shared {
-        name: name.clone(),
-        created: true,
-    };
+    let origin = Origin::Shared { name: name.clone() };
     match Mapped::init_new(&file, len, opts, origin, &where_, REMEDY) {
         Ok(m) => Ok(m),
         Err(e) => {
@@ -133,7 +130,6 @@ pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
         let file = File::from(fd);
         let origin = Origin::Shared {
             name: name.to_owned(),
-            created: false,
         };
         match Mapped::open_existing(&file, readonly, true, origin, &where_) {
             Ok(m) => return Ok(m),
