@@ -25,6 +25,7 @@ _KIND_NAMES = {
 }
 
 
+# Bound once: attribute look-ups on cffi's lib object are measurable on the open path.
 _new = ffi.new
 _gc = ffi.gc
 _ffi_buffer = ffi.buffer
@@ -32,9 +33,9 @@ _acquire_info = lib.zcbuf_acquire_info
 _free = lib.zcbuf_free
 _rel = lib.zcbuf_release
 _SHARED = lib.ZCBUF_KIND_SHARED
+_FILE = lib.ZCBUF_KIND_FILE
 _frombuffer = np.frombuffer
 _U8 = np.dtype(np.uint8)
-_FILE = lib.ZCBUF_KIND_FILE
 
 
 def _release(id_: int) -> Any:
@@ -108,8 +109,12 @@ class Buffer:
             self._nbytes = int(n[0])
             self._kind = _KIND_NAMES.get(kind, "unknown")
             self._readonly = bool(info.readonly)
-            self._name = (name if name is not None else _text(lib.zcbuf_name, id_)) if kind == _SHARED else None
-            self._path = (path if path is not None else _text(lib.zcbuf_path, id_)) if kind == _FILE else None
+            self._name = None
+            self._path = None
+            if kind == _SHARED:
+                self._name = name if name is not None else _text(lib.zcbuf_name, id_)
+            elif kind == _FILE:
+                self._path = path if path is not None else _text(lib.zcbuf_path, id_)
             self._dtype: Optional[np.dtype] = None
             self._shape: Optional[Tuple[int, ...]] = None
             if info.dtype_len:
