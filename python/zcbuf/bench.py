@@ -732,7 +732,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table(rows))
     missing = [k for k, v in meta["peers_available"].items() if not v]
     if missing:
-        print(f"\nnot installed, so not compared: {', '.join(missing)} (pip install them to include)")
+        print(f"\nnot installed, so not compared: {', '.join(missing)} (pip install to include)")
     png = os.path.join(a.out, "bench.png")
     if plot(rows, png):
         print(f"\nplot: {png}")
