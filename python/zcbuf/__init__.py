@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ._admin import Segment, gc, ls, unlink
 from ._buffer import Buffer, create, empty, from_array, get, open, open_file, zeros
+from . import _errors
 from ._errors import (
     AlreadyExistsError,
     CorruptError,
@@ -45,14 +46,5 @@ __all__ = [
     "ls",
     "unlink",
     "Segment",
-    "Error",
-    "InvalidArgumentError",
-    "NotFoundError",
-    "AlreadyExistsError",
-    "OutOfMemoryError",
-    "PermissionDeniedError",
-    "ReadOnlyError",
-    "CorruptError",
-    "IOFailedError",
-    "InternalError",
+    *_errors.__all__,
 ]
