@@ -336,16 +336,8 @@ pub unsafe extern "C" fn zcbuf_create_ex(
             // SAFETY: non-NULL and valid for `ndim` reads by the caller's contract.
             unsafe { std::slice::from_raw_parts(shape, ndim as usize) }
         };
-        let meta = if dtype.is_empty() {
-            if !dims.is_empty() || itemsize != 0 {
-                return Err(Error::InvalidArgument(
-                    "a shape or item size was given without a dtype".into(),
-                ));
-            }
-            Meta::untyped()
-        } else {
-            Meta::typed(dtype, itemsize, dims)?
-        };
+        // An empty dtype is untyped; Meta::typed refuses a shape or item size without one.
+        let meta = Meta::typed(dtype, itemsize, dims)?;
         let opts = CreateOptions::new()
             .meta(meta)
             .reserve(flags & ZCBUF_NO_RESERVE == 0)
@@ -418,12 +410,8 @@ pub unsafe extern "C" fn zcbuf_acquire_info(
         if out_len.is_null() {
             return Err(null("out_len"));
         }
-        let info = if out_info.is_null() {
-            None
-        } else {
-            Some(reg().info(id)?)
-        };
-        let (p, n) = reg().acquire(id)?;
+        let (p, n, info) = reg().acquire_info(id)?;
+        let info = (!out_info.is_null()).then_some(info);
         // SAFETY: all three checked non-NULL (or skipped); the caller guarantees writability.
         unsafe {
             out_ptr.write(p.as_ptr());

@@ -83,6 +83,8 @@ impl Meta {
     }
 
     /// A typed description, checked for size limits and overflow (not yet against a length).
+    /// An empty `dtype` gives the untyped description, and then `itemsize` must be 0 and `shape`
+    /// empty.
     pub fn typed(dtype: &str, itemsize: u64, shape: &[u64]) -> Result<Meta> {
         let m = Meta {
             dtype: dtype.to_owned(),

@@ -119,6 +119,18 @@ impl Default for Registry {
 
 static GLOBAL: LazyLock<Registry> = LazyLock::new(Registry::new);
 
+fn info_of(e: &Entry) -> Info {
+    Info {
+        kind: e.mapped.kind(),
+        len: e.len,
+        readonly: e.readonly,
+        name: e.mapped.name().map(str::to_owned),
+        path: e.mapped.path().map(Path::to_owned),
+        meta: e.mapped.meta().clone(),
+        leases: e.leases,
+    }
+}
+
 fn not_found(id: u64) -> Error {
     Error::NotFound(format!(
         "buffer id {id} is not live (never created in this process, or already freed)"
@@ -206,6 +218,19 @@ impl Registry {
     /// until a matching [`Registry::release`] (or until this registry is dropped).
     pub fn acquire(&self, id: u64) -> Result<(NonNull<u8>, usize)> {
         self.acquire_entry(id).map(|(p, n, _)| (p, n))
+    }
+
+    /// [`Registry::acquire`] and [`Registry::info`] in one critical section: the lease and the
+    /// description are of the same live buffer.
+    pub fn acquire_info(&self, id: u64) -> Result<(NonNull<u8>, usize, Info)> {
+        let mut map = self.shard(id);
+        let e = map
+            .get_mut(&id)
+            .filter(|e| !e.retired)
+            .ok_or_else(|| not_found(id))?;
+        e.leases += 1;
+        let p = NonNull::new(e.addr as *mut u8).expect("data address is never null");
+        Ok((p, e.len, info_of(e)))
     }
 
     /// `acquire`, also saying whether the memory is read-only (in the same critical section).
@@ -306,15 +331,7 @@ impl Registry {
 
     /// Everything known about `id`.
     pub fn info(&self, id: u64) -> Result<Info> {
-        self.with(id, |e| Info {
-            kind: e.mapped.kind(),
-            len: e.len,
-            readonly: e.mapped.readonly(),
-            name: e.mapped.name().map(str::to_owned),
-            path: e.mapped.path().map(Path::to_owned),
-            meta: e.mapped.meta().clone(),
-            leases: e.leases,
-        })
+        self.with(id, info_of)
     }
 
     /// Writes a file buffer's data to disk now (msync); a no-op for other backings.
