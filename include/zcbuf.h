@@ -44,6 +44,10 @@
 // A bug in zcbuf (a caught panic). The message says more.
 #define ZCBUF_EINTERNAL 9
 
+// A bounded wait ran out: another process held a segment's lock for too long (see
+// docs/security.md).
+#define ZCBUF_ETIMEDOUT 10
+
 // Open flag: map the data read-only (`PROT_READ`).
 #define ZCBUF_READ_ONLY 1
 
@@ -56,6 +60,11 @@
 
 // Create flag: ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`); advice only.
 #define ZCBUF_HUGE_PAGES 8
+
+// Create flag (shared buffers): the segment persists after its last holder is gone, until
+// `zcbuf_unlink` removes it; `zcbuf_gc` leaves it. Without it, the last process to unmap the
+// segment removes its name.
+#define ZCBUF_PERSIST 16
 
 // Backing kind: an anonymous private mapping.
 #define ZCBUF_KIND_PRIVATE 0
@@ -82,7 +91,26 @@ typedef struct {
   uint32_t dtype_len;
   // Leases currently held on the buffer.
   uint64_t leases;
+  // 1 for a shared buffer created to persist (`ZCBUF_PERSIST`), else 0.
+  uint32_t persistent;
 } zcbuf_info_t;
+
+// What `zcbuf_open_shared_acquire` fills in: an opened buffer, one lease on it, and its
+// description, from one call.
+typedef struct {
+  // The new buffer id (free it with `zcbuf_free`).
+  uint64_t id;
+  // The data address, valid until the lease is released with `zcbuf_release`.
+  uint8_t *ptr;
+  // Data length in bytes.
+  size_t len;
+  // Kind, flags, item size, dimensions, lease count.
+  zcbuf_info_t info;
+  // The stored dtype, NUL-terminated ("" when untyped).
+  char dtype[513];
+  // The first `info.ndim` entries are the stored shape.
+  uint64_t shape[64];
+} zcbuf_opened_t;
 
 #ifdef __cplusplus
 extern "C" {
@@ -111,6 +139,15 @@ int32_t zcbuf_create_shared(const char *name, size_t len, uint64_t *out_id);
 // `name` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
 int32_t zcbuf_open_shared(const char *name, uint32_t flags, uint64_t *out_id);
 
+// Opens a shared buffer by name (like `zcbuf_open_shared`), takes one lease on it (like
+// `zcbuf_acquire`) and describes it (like `zcbuf_info`, `zcbuf_dtype`, `zcbuf_shape`), all in
+// one call. `flags`: 0 or `ZCBUF_READ_ONLY`. On success the caller owns `out->id` (free it with
+// `zcbuf_free`) and one lease (give it back with `zcbuf_release`); on failure nothing is left.
+//
+// # Safety
+// `name` must be NULL or a NUL-terminated string; `out` NULL or valid for a write.
+int32_t zcbuf_open_shared_acquire(const char *name, uint32_t flags, zcbuf_opened_t *out);
+
 // Creates a file-backed buffer of `len` data bytes at `path`, which must not exist (mode 0600,
 // links not followed, pages reserved), and writes its id to `out_id`.
 //
@@ -131,7 +168,7 @@ int32_t zcbuf_open_file(const char *path, uint32_t flags, uint64_t *out_id);
 // path; ignored for private buffers. `dtype`: NULL or "" for untyped, else a printable ASCII
 // descriptor of at most 512 bytes with `itemsize` bytes per element; `shape` points to `ndim`
 // (at most 64) dimensions whose product times `itemsize` must equal `len`. `flags`:
-// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`, `ZCBUF_HUGE_PAGES`.
+// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`, `ZCBUF_HUGE_PAGES`, `ZCBUF_PERSIST` (shared only).
 //
 // # Safety
 // Strings must be NULL or NUL-terminated; `shape` NULL or valid for `ndim` reads; `out_id`
@@ -205,15 +242,17 @@ int32_t zcbuf_flush(uint64_t id);
 // buffer's name is removed when no live process holds it any more.
 int32_t zcbuf_free(uint64_t id);
 
-// Removes the name of a shared-memory segment now, whoever holds it (their mappings stay valid).
+// Removes the name of a shared-memory segment now, whoever holds it and persistent or not
+// (their mappings stay valid). Only the segment that the name names at that moment is removed.
 //
 // # Safety
 // `name` must be NULL or a NUL-terminated string.
 int32_t zcbuf_unlink(const char *name);
 
-// Reaps dead holders of every zcbuf segment in /dev/shm and removes the segments no live
-// process holds. Writes the removed names, one per line, into `buf` (NUL-terminated, truncated
-// to `cap`), their full length to `out_len` and their number to `out_count`. `buf` may be NULL
+// Removes every zcbuf segment in /dev/shm that no process holds (maps) and that was not
+// created to persist. Writes one line per removed segment into `buf` (NUL-terminated,
+// truncated to `cap`), fields separated by tabs: name, data length, reason. Writes the full
+// length to `out_len` and the number of segments removed to `out_count`. `buf` may be NULL
 // when `cap` is 0; `out_len` and `out_count` may be NULL.
 //
 // # Safety
@@ -221,8 +260,10 @@ int32_t zcbuf_unlink(const char *name);
 int32_t zcbuf_gc(char *buf, size_t cap, size_t *out_len, size_t *out_count);
 
 // Lists the zcbuf segments in /dev/shm as text, one per line, fields separated by tabs:
-// name, data length, dtype, shape (dimensions joined by `,`), live holders, dead holders,
-// creation time (ns since the epoch), creator pid, and a problem ("" when the header is valid).
+// name, data length, dtype, shape (dimensions joined by `,`), held (1 when some process maps
+// it, else 0), holder pids as `/proc/locks` names them (joined by `,`; may be empty while
+// held), persistent (1 or 0), creation time (ns since the epoch), creator pid, and a problem
+// ("" when the header is valid).
 // Copied into `buf` like `zcbuf_name`; `out_len` gets the full length.
 //
 // # Safety

@@ -29,6 +29,8 @@ pub enum Error {
     Io(String),
     /// A bug in zcbuf (a caught panic, a poisoned lock). Please report it.
     Internal(String),
+    /// A bounded wait ran out (a lock another process held for too long).
+    Timeout(String),
 }
 
 /// Shorthand for results in this crate.
@@ -47,6 +49,7 @@ impl Error {
             Error::Corrupt(_) => 7,
             Error::Io(_) => 8,
             Error::Internal(_) => 9,
+            Error::Timeout(_) => 10,
         }
     }
 
@@ -61,7 +64,8 @@ impl Error {
             | Error::ReadOnly(m)
             | Error::Corrupt(m)
             | Error::Io(m)
-            | Error::Internal(m) => m,
+            | Error::Internal(m)
+            | Error::Timeout(m) => m,
         }
     }
 
@@ -77,6 +81,7 @@ impl Error {
             Error::Corrupt(_) => "corrupt or incompatible",
             Error::Io(_) => "I/O error",
             Error::Internal(_) => "internal error",
+            Error::Timeout(_) => "timed out",
         }
     }
 
@@ -139,6 +144,7 @@ mod tests {
             Error::Corrupt(String::new()),
             Error::Io(String::new()),
             Error::Internal(String::new()),
+            Error::Timeout(String::new()),
         ];
         let mut codes: Vec<i32> = all.iter().map(Error::code).collect();
         codes.sort_unstable();

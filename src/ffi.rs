@@ -35,6 +35,9 @@ pub const ZCBUF_ECORRUPT: i32 = 7;
 pub const ZCBUF_EIO: i32 = 8;
 /// A bug in zcbuf (a caught panic). The message says more.
 pub const ZCBUF_EINTERNAL: i32 = 9;
+/// A bounded wait ran out: another process held a segment's lock for too long (see
+/// docs/security.md).
+pub const ZCBUF_ETIMEDOUT: i32 = 10;
 
 /// Open flag: map the data read-only (`PROT_READ`).
 pub const ZCBUF_READ_ONLY: u32 = 1;
@@ -45,6 +48,10 @@ pub const ZCBUF_NO_RESERVE: u32 = 2;
 pub const ZCBUF_POPULATE: u32 = 4;
 /// Create flag: ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`); advice only.
 pub const ZCBUF_HUGE_PAGES: u32 = 8;
+/// Create flag (shared buffers): the segment persists after its last holder is gone, until
+/// `zcbuf_unlink` removes it; `zcbuf_gc` leaves it. Without it, the last process to unmap the
+/// segment removes its name.
+pub const ZCBUF_PERSIST: u32 = 16;
 
 /// Backing kind: an anonymous private mapping.
 pub const ZCBUF_KIND_PRIVATE: u32 = 0;
@@ -70,6 +77,26 @@ pub struct ZcbufInfo {
     pub dtype_len: u32,
     /// Leases currently held on the buffer.
     pub leases: u64,
+    /// 1 for a shared buffer created to persist (`ZCBUF_PERSIST`), else 0.
+    pub persistent: u32,
+}
+
+/// What `zcbuf_open_shared_acquire` fills in: an opened buffer, one lease on it, and its
+/// description, from one call.
+#[repr(C)]
+pub struct ZcbufOpened {
+    /// The new buffer id (free it with `zcbuf_free`).
+    pub id: u64,
+    /// The data address, valid until the lease is released with `zcbuf_release`.
+    pub ptr: *mut u8,
+    /// Data length in bytes.
+    pub len: usize,
+    /// Kind, flags, item size, dimensions, lease count.
+    pub info: ZcbufInfo,
+    /// The stored dtype, NUL-terminated ("" when untyped).
+    pub dtype: [c_char; 513],
+    /// The first `info.ndim` entries are the stored shape.
+    pub shape: [u64; 64],
 }
 
 thread_local! {
@@ -244,6 +271,52 @@ pub unsafe extern "C" fn zcbuf_open_shared(
     })
 }
 
+/// Opens a shared buffer by name (like `zcbuf_open_shared`), takes one lease on it (like
+/// `zcbuf_acquire`) and describes it (like `zcbuf_info`, `zcbuf_dtype`, `zcbuf_shape`), all in
+/// one call. `flags`: 0 or `ZCBUF_READ_ONLY`. On success the caller owns `out->id` (free it with
+/// `zcbuf_free`) and one lease (give it back with `zcbuf_release`); on failure nothing is left.
+///
+/// # Safety
+/// `name` must be NULL or a NUL-terminated string; `out` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_open_shared_acquire(
+    name: *const c_char,
+    flags: u32,
+    out: *mut ZcbufOpened,
+) -> i32 {
+    guard(|| {
+        check_flags(flags, ZCBUF_READ_ONLY)?;
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: NULL-checked inside; NUL-terminated by the caller's contract.
+        let name = unsafe { c_str(name, "name") }?;
+        let id = reg().open_shared(name, flags & ZCBUF_READ_ONLY != 0)?;
+        let (p, n, i) = match reg().acquire_info(id) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = reg().free(id);
+                return Err(e);
+            }
+        };
+        // SAFETY: `out` is non-NULL and valid for a write by the caller's contract; every field
+        // is written through raw pointers into it, the arrays within their bounds (the dtype
+        // is at most DTYPE_CAP = 512 bytes plus the NUL, the shape at most MAX_NDIM = 64).
+        unsafe {
+            let o = &raw mut *out;
+            (&raw mut (*o).id).write(id);
+            (&raw mut (*o).ptr).write(p.as_ptr());
+            (&raw mut (*o).len).write(n);
+            (&raw mut (*o).info).write(info_of(&i));
+            let d = &raw mut (*o).dtype;
+            copy_out(i.meta.dtype.as_bytes(), d.cast::<c_char>(), 513);
+            let sh = (&raw mut (*o).shape).cast::<u64>();
+            std::ptr::copy_nonoverlapping(i.meta.shape.as_ptr(), sh, i.meta.shape.len().min(64));
+        }
+        Ok(())
+    })
+}
+
 /// Creates a file-backed buffer of `len` data bytes at `path`, which must not exist (mode 0600,
 /// links not followed, pages reserved), and writes its id to `out_id`.
 ///
@@ -293,7 +366,7 @@ pub unsafe extern "C" fn zcbuf_open_file(path: *const c_char, flags: u32, out_id
 /// path; ignored for private buffers. `dtype`: NULL or "" for untyped, else a printable ASCII
 /// descriptor of at most 512 bytes with `itemsize` bytes per element; `shape` points to `ndim`
 /// (at most 64) dimensions whose product times `itemsize` must equal `len`. `flags`:
-/// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`, `ZCBUF_HUGE_PAGES`.
+/// `ZCBUF_NO_RESERVE`, `ZCBUF_POPULATE`, `ZCBUF_HUGE_PAGES`, `ZCBUF_PERSIST` (shared only).
 ///
 /// # Safety
 /// Strings must be NULL or NUL-terminated; `shape` NULL or valid for `ndim` reads; `out_id`
@@ -312,7 +385,10 @@ pub unsafe extern "C" fn zcbuf_create_ex(
     out_id: *mut u64,
 ) -> i32 {
     guard(|| {
-        check_flags(flags, ZCBUF_NO_RESERVE | ZCBUF_POPULATE | ZCBUF_HUGE_PAGES)?;
+        check_flags(
+            flags,
+            ZCBUF_NO_RESERVE | ZCBUF_POPULATE | ZCBUF_HUGE_PAGES | ZCBUF_PERSIST,
+        )?;
         if out_id.is_null() {
             return Err(null("out_id"));
         }
@@ -342,7 +418,8 @@ pub unsafe extern "C" fn zcbuf_create_ex(
             .meta(meta)
             .reserve(flags & ZCBUF_NO_RESERVE == 0)
             .populate(flags & ZCBUF_POPULATE != 0)
-            .huge_pages(flags & ZCBUF_HUGE_PAGES != 0);
+            .huge_pages(flags & ZCBUF_HUGE_PAGES != 0)
+            .persist(flags & ZCBUF_PERSIST != 0);
         let id = match kind {
             ZCBUF_KIND_PRIVATE => reg().create(len, &opts)?,
             ZCBUF_KIND_SHARED => {
@@ -437,6 +514,7 @@ fn info_of(i: &crate::registry::Info) -> ZcbufInfo {
         ndim: i.meta.shape.len() as u32,
         dtype_len: i.meta.dtype.len() as u32,
         leases: i.leases,
+        persistent: u32::from(i.persistent),
     }
 }
 
@@ -617,7 +695,8 @@ pub extern "C" fn zcbuf_free(id: u64) -> i32 {
     guard(|| reg().free(id))
 }
 
-/// Removes the name of a shared-memory segment now, whoever holds it (their mappings stay valid).
+/// Removes the name of a shared-memory segment now, whoever holds it and persistent or not
+/// (their mappings stay valid). Only the segment that the name names at that moment is removed.
 ///
 /// # Safety
 /// `name` must be NULL or a NUL-terminated string.
@@ -630,9 +709,10 @@ pub unsafe extern "C" fn zcbuf_unlink(name: *const c_char) -> i32 {
     })
 }
 
-/// Reaps dead holders of every zcbuf segment in /dev/shm and removes the segments no live
-/// process holds. Writes the removed names, one per line, into `buf` (NUL-terminated, truncated
-/// to `cap`), their full length to `out_len` and their number to `out_count`. `buf` may be NULL
+/// Removes every zcbuf segment in /dev/shm that no process holds (maps) and that was not
+/// created to persist. Writes one line per removed segment into `buf` (NUL-terminated,
+/// truncated to `cap`), fields separated by tabs: name, data length, reason. Writes the full
+/// length to `out_len` and the number of segments removed to `out_count`. `buf` may be NULL
 /// when `cap` is 0; `out_len` and `out_count` may be NULL.
 ///
 /// # Safety
@@ -649,7 +729,10 @@ pub unsafe extern "C" fn zcbuf_gc(
             return Err(null("buf"));
         }
         let removed = crate::gc::gc()?;
-        let text = removed.join("\n");
+        let text: String = removed
+            .iter()
+            .map(|r| format!("{}\t{}\t{}\n", r.name, r.len, r.reason))
+            .collect();
         // SAFETY: `buf` holds `cap` bytes (or cap is 0); out-pointers are NULL-checked.
         unsafe {
             let n = copy_out(text.as_bytes(), buf, cap);
@@ -665,8 +748,10 @@ pub unsafe extern "C" fn zcbuf_gc(
 }
 
 /// Lists the zcbuf segments in /dev/shm as text, one per line, fields separated by tabs:
-/// name, data length, dtype, shape (dimensions joined by `,`), live holders, dead holders,
-/// creation time (ns since the epoch), creator pid, and a problem ("" when the header is valid).
+/// name, data length, dtype, shape (dimensions joined by `,`), held (1 when some process maps
+/// it, else 0), holder pids as `/proc/locks` names them (joined by `,`; may be empty while
+/// held), persistent (1 or 0), creation time (ns since the epoch), creator pid, and a problem
+/// ("" when the header is valid).
 /// Copied into `buf` like `zcbuf_name`; `out_len` gets the full length.
 ///
 /// # Safety
@@ -684,14 +769,16 @@ pub unsafe extern "C" fn zcbuf_list(buf: *mut c_char, cap: usize, out_len: *mut 
         for s in crate::gc::list()? {
             let shape: Vec<String> = s.meta.shape.iter().map(u64::to_string).collect();
             let problem = s.problem.unwrap_or_default().replace(['\t', '\n'], " ");
+            let pids: Vec<String> = s.holders.iter().map(u32::to_string).collect();
             text.push_str(&format!(
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
                 s.name,
                 s.len,
                 s.meta.dtype,
                 shape.join(","),
-                s.alive,
-                s.dead,
+                u8::from(s.held),
+                pids.join(","),
+                u8::from(s.persistent),
                 s.created_ns,
                 s.creator_pid,
                 problem
@@ -737,6 +824,7 @@ pub extern "C" fn zcbuf_status_name(status: i32) -> *const c_char {
         ZCBUF_ECORRUPT => c"corrupt or incompatible",
         ZCBUF_EIO => c"I/O error",
         ZCBUF_EINTERNAL => c"internal error",
+        ZCBUF_ETIMEDOUT => c"timed out",
         _ => c"unknown status",
     };
     s.as_ptr()

@@ -1,11 +1,21 @@
 //! Memory-mapped files.
+//!
+//! Like shared segments, a file is made unnamed (`O_TMPFILE`) in its directory, written,
+//! reserved and mapped, and only then linked at its path, so no process ever opens a half-made
+//! file and a creator killed midway leaves nothing. File systems without `O_TMPFILE` get the
+//! classic `O_CREAT | O_EXCL` path instead (then a half-made file can be seen briefly and is
+//! removed on failure).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+
 use crate::error::{Error, Result};
-use crate::mapping::{CreateOptions, Mapped, OpenError, Origin};
+use crate::mapping::{CreateOptions, Mapped, Origin, page_size, read_header};
 
 const REMEDY: &str = "free space on that file system, put the file elsewhere, or ask for less";
 
@@ -16,9 +26,102 @@ fn check_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
+fn exists(path: &Path) -> Error {
+    Error::AlreadyExists(format!(
+        "{} already exists: zcbuf never overwrites a file; open it with open_file, or remove it \
+         first",
+        path.display()
+    ))
+}
+
 pub(crate) fn create(path: &Path, len: usize, opts: &CreateOptions) -> Result<Mapped> {
     check_path(path)?;
     opts.meta.check_len(len as u64)?;
+    let where_ = format!("the file system of {}", path.display());
+    let origin = || Origin::File {
+        path: path.to_owned(),
+    };
+    let (Some(file_name), parent) = (path.file_name(), path.parent()) else {
+        return Err(Error::InvalidArgument(format!(
+            "{} does not name a file",
+            path.display()
+        )));
+    };
+    let parent = match parent {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = rustix::fs::open(
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::from_errno(&format!("open the directory of {}", path.display()), e))?;
+    // A quick refusal before any work when the path is taken (the link below decides).
+    if rustix::fs::statat(&dir, file_name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        return Err(exists(path));
+    }
+    let tmp = match rustix::fs::openat(
+        &dir,
+        ".",
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::OPNOTSUPP) | Err(Errno::ISDIR) | Err(Errno::INVAL) => {
+            return create_in_place(path, len, opts);
+        }
+        Err(e) => return Err(Error::from_errno(&format!("create {}", path.display()), e)),
+    };
+    let file = File::from(tmp);
+    let parsed = Mapped::layout(&file, len, opts, false, &where_, REMEDY)?;
+    let tmp = OwnedFd::from(file);
+    let linked = match rustix::fs::linkat(&tmp, "", &dir, file_name, AtFlags::EMPTY_PATH) {
+        Err(Errno::NOENT) | Err(Errno::PERM) => {
+            let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tmp));
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc_path.as_str(),
+                &dir,
+                file_name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        r => r,
+    };
+    linked.map_err(|e| link_error(path, e))?;
+    // Map through an open file of the new name when it still names our file, so that
+    // /proc/PID/maps and lsof show the path.
+    let key = rustix::fs::fstat(&tmp).map(|s| (s.st_dev, s.st_ino)).ok();
+    let fd = match rustix::fs::openat(
+        &dir,
+        file_name,
+        OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(named) if rustix::fs::fstat(&named).ok().map(|s| (s.st_dev, s.st_ino)) == key => named,
+        _ => tmp,
+    };
+    Mapped::map_new(fd.as_fd(), parsed, true, origin(), &where_, opts).inspect_err(|_| {
+        // Nothing of ours may be left behind.
+        if let Ok(s) = rustix::fs::statat(&dir, file_name, AtFlags::SYMLINK_NOFOLLOW)
+            && Some((s.st_dev, s.st_ino)) == key
+        {
+            let _ = rustix::fs::unlinkat(&dir, file_name, AtFlags::empty());
+        }
+    })
+}
+
+fn link_error(path: &Path, e: Errno) -> Error {
+    match e {
+        Errno::EXIST => exists(path),
+        e => Error::from_errno(&format!("name the new file {}", path.display()), e),
+    }
+}
+
+/// File systems without `O_TMPFILE`: create at the path (`O_EXCL | O_NOFOLLOW`), lay it out,
+/// remove it on failure.
+fn create_in_place(path: &Path, len: usize, opts: &CreateOptions) -> Result<Mapped> {
     // create_new = O_CREAT|O_EXCL: refuses any existing path, including a symlink (dangling or
     // not), so nothing is ever truncated or written through a link.
     let file = OpenOptions::new()
@@ -26,27 +129,22 @@ pub(crate) fn create(path: &Path, len: usize, opts: &CreateOptions) -> Result<Ma
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .custom_flags(OFlags::NOFOLLOW.bits() as i32)
         .open(path)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => Error::AlreadyExists(format!(
-                "{} already exists: zcbuf never overwrites a file; open it with open_file, or \
-                 remove it first",
-                path.display()
-            )),
+            std::io::ErrorKind::AlreadyExists => exists(path),
             _ => Error::from_io(&format!("create {}", path.display()), &e),
         })?;
     let where_ = format!("the file system of {}", path.display());
     let origin = Origin::File {
         path: path.to_owned(),
     };
-    match Mapped::init_new(&file, len, opts, origin, &where_, REMEDY) {
-        Ok(m) => Ok(m),
-        Err(e) => {
-            let _ = std::fs::remove_file(path);
-            Err(e)
-        }
+    let made = Mapped::layout(&file, len, opts, false, &where_, REMEDY)
+        .and_then(|parsed| Mapped::map_new(file.as_fd(), parsed, true, origin, &where_, opts));
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
     }
+    made
 }
 
 pub(crate) fn open(path: &Path, readonly: bool) -> Result<Mapped> {
@@ -55,22 +153,22 @@ pub(crate) fn open(path: &Path, readonly: bool) -> Result<Mapped> {
         .read(true)
         .write(!readonly)
         // O_NONBLOCK: a FIFO at `path` must not hang the call; regular files ignore it.
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .custom_flags(OFlags::NONBLOCK.bits() as i32)
         .open(path)
         .map_err(|e| Error::from_io(&format!("open {}", path.display()), &e))?;
-    if file.metadata().map(|m| !m.is_file()).unwrap_or(true) {
+    let md = file
+        .metadata()
+        .map_err(|e| Error::from_io(&format!("stat {}", path.display()), &e))?;
+    if !md.is_file() {
         return Err(Error::InvalidArgument(format!(
             "{} is not a regular file",
             path.display()
         )));
     }
+    let where_ = format!("file {}", path.display());
+    let parsed = read_header(file.as_fd(), md.len(), page_size(), &where_)?;
     let origin = Origin::File {
         path: path.to_owned(),
     };
-    let where_ = format!("file {}", path.display());
-    match Mapped::open_existing(&file, readonly, !readonly, origin, &where_) {
-        Ok(m) => Ok(m),
-        Err(OpenError::Other(e)) => Err(e),
-        Err(OpenError::Closing) => Err(Error::Internal("a file cannot be closing".into())),
-    }
+    Mapped::map_existing(file.as_fd(), parsed, readonly, true, origin, &where_)
 }

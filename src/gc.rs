@@ -1,80 +1,51 @@
-//! Listing zcbuf segments and reaping those whose holders have all died.
+//! Listing zcbuf segments, and removing those no process holds.
+//!
+//! Both only read headers (`pread`), never map or write them: a segment another process
+//! truncated or scribbled on cannot make them fault.
 
-use std::fs::File;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, OwnedFd};
 
-use memmap2::MmapOptions;
-use rustix::fs::Mode;
-use rustix::shm::OFlags;
+use rustix::fs::{Mode, OFlags};
 
 use crate::error::{Error, Result};
-use crate::header::Meta;
-use crate::header::{self, HEADER_LEN};
-use crate::holders::{Liveness, Table};
-use crate::mapping::{page_size, read_header};
-use crate::shm::{NAME_PREFIX, SHM_DIR};
+use crate::header::{MAGIC, Meta, Parsed};
+use crate::liveness::{self, key_of, shm_dir};
+use crate::shm::{NAME_PREFIX, SHM_DIR, inspect_header};
 
 /// What [`list`] reports about one segment in `/dev/shm`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {
     /// The segment name (without the leading `/`).
     pub name: String,
-    /// Data length in bytes (0 when the header is unreadable).
+    /// Data length in bytes (0 when the header is unusable).
     pub len: u64,
     /// Stored dtype and shape.
     pub meta: Meta,
-    /// Holders whose processes are running.
-    pub alive: usize,
-    /// Holders whose processes have died (reaped by the next [`gc`]).
-    pub dead: usize,
+    /// True when some process maps it now (the kernel holds a lock for it).
+    pub held: bool,
+    /// The holders' pids, where `/proc/locks` names them (in this pid namespace; a holder in
+    /// a namespace this one cannot see, or a fork child sharing its parent's open file, is not
+    /// listed on its own).
+    pub holders: Vec<u32>,
+    /// Created to persist: kept after its last holder, until unlinked.
+    pub persistent: bool,
     /// Creation time, ns since the Unix epoch.
     pub created_ns: u64,
-    /// The pid of the creator.
+    /// The pid of the creator, as it saw itself.
     pub creator_pid: u32,
-    /// Why the header could not be read, for a `zcbuf-` segment that is not valid.
+    /// Why the header is unusable, for a file that looks like zcbuf's but cannot be used.
     pub problem: Option<String>,
 }
 
-fn open_rw(name: &str) -> Result<File> {
-    let fd = rustix::shm::open(format!("/{name}").as_str(), OFlags::RDWR, Mode::empty())
-        .map_err(|e| Error::from_errno(&format!("open segment {name:?}"), e))?;
-    Ok(File::from(fd))
-}
-
-/// Inspects one segment; with `reap`, clears dead holders and removes the name when no live
-/// holder remains. Returns the info and whether the name was removed.
-fn inspect(name: &str, reap: bool) -> Result<(SegmentInfo, bool)> {
-    let file = open_rw(name)?;
-    let where_ = format!("segment {name:?}");
-    let (parsed, _) = read_header(&file, page_size(), &where_, false)?;
-    let hdr = MmapOptions::new()
-        .len(parsed.data_offset as usize)
-        .map_raw(&file)
-        .map_err(|e| Error::from_io(&format!("map the header of {where_}"), &e))?;
-    // SAFETY: the mapping is data_offset >= HEADER_LEN bytes (validated by read_header),
-    // writable and page-aligned, and outlives `table` (both end with this function).
-    let table = unsafe { Table::new(hdr.as_mut_ptr()) };
-    let mut removed = false;
-    if reap {
-        table.reap();
-        if table.try_close() {
-            removed = crate::shm::unlink(name).is_ok();
-        }
-    }
-    let (alive, dead) = table.census();
-    Ok((
-        SegmentInfo {
-            name: name.to_owned(),
-            len: parsed.data_len,
-            meta: parsed.meta,
-            alive,
-            dead,
-            created_ns: parsed.created_ns,
-            creator_pid: parsed.creator_pid,
-            problem: None,
-        },
-        removed,
-    ))
+/// What [`gc`] removed, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The segment name.
+    pub name: String,
+    /// Its data length.
+    pub len: u64,
+    /// Why it was removed.
+    pub reason: String,
 }
 
 fn names() -> Result<Vec<String>> {
@@ -89,81 +60,108 @@ fn names() -> Result<Vec<String>> {
     Ok(v)
 }
 
-fn is_ours(name: &str) -> bool {
-    let p: PathBuf = [SHM_DIR, name].iter().collect();
-    let mut magic = [0u8; 8];
-    std::fs::File::open(p)
-        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0))
-        .map(|_| u64::from_le_bytes(magic) == crate::header::MAGIC)
-        .unwrap_or(false)
+/// An open file of `name` in /dev/shm (read-write when allowed), and its stat.
+fn open(name: &str) -> Option<(OwnedFd, rustix::fs::Stat)> {
+    let dir = shm_dir().ok()?;
+    let flags = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags | OFlags::RDWR, Mode::empty())
+        .or_else(|_| rustix::fs::openat(dir, name, flags | OFlags::RDONLY, Mode::empty()))
+        .ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    Some((fd, st))
 }
 
-/// Lists the zcbuf segments in `/dev/shm` visible to this user: those with a zcbuf header,
-/// and `zcbuf-` segments whose header is unreadable (with the reason).
+fn has_magic(fd: &OwnedFd) -> bool {
+    let mut m = [0u8; 8];
+    matches!(rustix::io::pread(fd, &mut m, 0), Ok(8)) && u64::from_le_bytes(m) == MAGIC
+}
+
+/// True when some open file other than `fd` holds the segment: `fd` cannot take the
+/// exclusive lock. (Taking it for a moment makes a concurrent opener wait microseconds.)
+fn probe_held(fd: &OwnedFd) -> bool {
+    match liveness::try_exclusive(fd.as_fd()) {
+        Ok(got) => !got,
+        Err(_) => true, // cannot tell (read-only descriptor): say held, never remove
+    }
+}
+
+fn info(name: &str, p: Parsed, held: bool, pids: &[i32]) -> SegmentInfo {
+    SegmentInfo {
+        name: name.to_owned(),
+        len: p.data_len,
+        meta: p.meta,
+        held,
+        holders: pids.iter().filter(|p| **p > 0).map(|p| *p as u32).collect(),
+        persistent: p.persistent,
+        created_ns: p.created_ns,
+        creator_pid: p.creator_pid,
+        problem: None,
+    }
+}
+
+/// Lists the zcbuf segments in `/dev/shm` visible to this user: those with a zcbuf header
+/// (valid or not, e.g. of another version), and `zcbuf-` files whose header is unusable.
 pub fn list() -> Result<Vec<SegmentInfo>> {
+    let locks = liveness::holder_table();
     let mut out = Vec::new();
     for name in names()? {
-        if !(is_ours(&name) || name.starts_with(NAME_PREFIX)) {
+        let Some((fd, st)) = open(&name) else {
+            continue;
+        };
+        let ours = has_magic(&fd);
+        if !ours && !name.starts_with(NAME_PREFIX) {
             continue;
         }
-        match inspect(&name, false) {
-            Ok((info, _)) => out.push(info),
-            Err(e) if name.starts_with(NAME_PREFIX) => out.push(SegmentInfo {
+        let key = key_of(&st);
+        let pids = locks.get(&key).cloned().unwrap_or_default();
+        match inspect_header(fd.as_fd(), &st, &name) {
+            Ok(p) => out.push(info(&name, p, probe_held(&fd), &pids)),
+            Err(e) => out.push(SegmentInfo {
                 name,
                 len: 0,
                 meta: Meta::untyped(),
-                alive: 0,
-                dead: 0,
+                held: !pids.is_empty(),
+                holders: pids.iter().filter(|p| **p > 0).map(|p| *p as u32).collect(),
+                persistent: false,
                 created_ns: 0,
                 creator_pid: 0,
                 problem: Some(e.to_string()),
             }),
-            Err(_) => {}
         }
     }
     Ok(out)
 }
 
-/// Whether a segment without a published header was left by a creator that died: its
-/// provisional header names a creator (holder slot 0) that is dead, or, for a `zcbuf-` name with
-/// no header written at all, it is older than 2 seconds.
-fn abandoned(name: &str) -> bool {
-    let p: PathBuf = [SHM_DIR, name].iter().collect();
-    let Ok(f) = std::fs::File::open(&p) else {
-        return false;
-    };
-    let mut buf = vec![0u64; HEADER_LEN / 8];
-    // SAFETY: a u64 buffer viewed as bytes: same memory, any byte pattern is a valid u8.
-    let bytes =
-        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), HEADER_LEN) };
-    if std::os::unix::fs::FileExt::read_exact_at(&f, bytes, 0).is_ok() {
-        if !header::looks_provisional(bytes) {
-            return false; // not ours
-        }
-        // SAFETY: `buf` is a HEADER_LEN-byte, 8-aligned private copy that outlives `t`.
-        let t = unsafe { Table::new(buf.as_mut_ptr().cast()) };
-        return t.liveness(0).0 == Liveness::Dead;
-    }
-    name.starts_with(NAME_PREFIX)
-        && std::fs::metadata(&p)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age.as_secs() >= 2)
-}
-
-/// Reaps dead holders of every zcbuf segment and removes the segments no live process holds;
-/// also removes segments whose creator died before publishing the header (see `abandoned`).
-/// Returns the names removed. Nothing a live process holds is removed.
-pub fn gc() -> Result<Vec<String>> {
+/// Removes every zcbuf segment in `/dev/shm` that no process holds and that was not created
+/// to persist. Only files with a valid header of this version are judged; anything else is
+/// left alone, whoever made it. Returns what was removed and why.
+pub fn gc() -> Result<Vec<Removed>> {
+    let dir = shm_dir()?;
     let mut removed = Vec::new();
     for name in names()? {
-        if is_ours(&name) {
-            if let Ok((_, true)) = inspect(&name, true) {
-                removed.push(name);
-            }
-        } else if abandoned(&name) && crate::shm::unlink(&name).is_ok() {
-            removed.push(name);
+        let Some((fd, st)) = open(&name) else {
+            continue;
+        };
+        let Ok(p) = inspect_header(fd.as_fd(), &st, &name) else {
+            continue; // not provably a zcbuf segment of this version: never ours to remove
+        };
+        if p.persistent {
+            continue;
+        }
+        // Exclusive lock proves that no process maps it; it also keeps any from starting to
+        // until our descriptor is closed (an opener that got in between finds no link and
+        // retries).
+        if !matches!(liveness::try_exclusive(fd.as_fd()), Ok(true)) {
+            continue;
+        }
+        if let Ok(true) = liveness::remove_name_if(fd.as_fd(), dir, &name, key_of(&st)) {
+            removed.push(Removed {
+                name,
+                len: p.data_len,
+                reason: "no process maps it (its holders exited or were killed) and it was not \
+                         created to persist"
+                    .into(),
+            });
         }
     }
     Ok(removed)

@@ -1,45 +1,47 @@
 //! The versioned header at the start of every shared and file-backed buffer.
 //!
-//! Layout of version 1 (all integers little-endian, native alignment; see `docs/design.md`):
+//! Layout of version 2 (all integers little-endian; see `docs/design.md`):
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 8 | magic `b"ZCBUFhdr"`, written last (release) so a half-made header is never valid |
-//! | 8 | 4 | version (1) |
+//! | 0 | 8 | magic `b"ZCBUFhdr"` |
+//! | 8 | 4 | version (2) |
 //! | 12 | 4 | header length ([`HEADER_LEN`]) |
 //! | 16 | 8 | data offset (a multiple of the page size, at least [`HEADER_LEN`]) |
 //! | 24 | 8 | data length in bytes |
 //! | 32 | 8 | item size of the dtype (0 when untyped) |
-//! | 40 | 4 | creator pid |
+//! | 40 | 4 | creator pid (as the creator saw itself; informational) |
 //! | 44 | 4 | number of dimensions (at most [`MAX_NDIM`]) |
 //! | 48 | 8 | creation time, ns since the Unix epoch |
 //! | 56 | 4 | dtype string length (at most [`DTYPE_CAP`]) |
-//! | 60 | 4 | flags (0) |
-//! | 64 | 8 | state word, atomic: bit 0 = closing (the last holder is removing the name) |
-//! | 72 | 4 | holder slot count ([`HOLDER_SLOTS`]) |
+//! | 60 | 4 | flags: bit 0 = persistent ([`FLAG_PERSISTENT`]) |
+//! | 64 | 64 | reserved, zero |
 //! | 128 | 512 | dtype string, printable ASCII (a NumPy dtype descriptor) |
 //! | 640 | 512 | shape, 64 × u64 |
-//! | 1152 | 4096 | holder table: 256 slots × (u64 pid+state, u64 process start time), atomic |
 //!
-//! The header is written once, by the creator, before the magic is published; afterwards only
-//! the state word and the holder table change, and those only through atomic operations.
+//! The header is written once, by the creator, before the segment has a name (shared buffers)
+//! or before anything is mapped (files), and never again: no process writes it after creation,
+//! so nothing zcbuf does after creation can fault on a segment another process truncated.
+//! Liveness is not in the header at all: it is kept by the kernel as locks on the open file
+//! (see [`crate::liveness`]).
 
 use crate::error::{Error, Result};
 
 /// The magic number at offset 0.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ZCBUFhdr");
 /// The header version this build writes and reads.
-pub const VERSION: u32 = 1;
-/// Bytes of header structure in version 1.
-pub const HEADER_LEN: usize = 5248;
+pub const VERSION: u32 = 2;
+/// Bytes of header structure in version 2.
+pub const HEADER_LEN: usize = 1152;
 /// Most bytes a dtype string may have.
 pub const DTYPE_CAP: usize = 512;
 /// Most dimensions a shape may have (NumPy 2's limit).
 pub const MAX_NDIM: usize = 64;
-/// Number of holder slots in the table.
-pub const HOLDER_SLOTS: usize = 256;
+/// Header flag: the segment persists after its last holder until removed explicitly.
+pub const FLAG_PERSISTENT: u32 = 1;
+const KNOWN_FLAGS: u32 = FLAG_PERSISTENT;
 
-pub(crate) const OFF_MAGIC: usize = 0;
+const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_HEADER_LEN: usize = 12;
 const OFF_DATA_OFFSET: usize = 16;
@@ -50,11 +52,9 @@ const OFF_NDIM: usize = 44;
 const OFF_CREATED_NS: usize = 48;
 const OFF_DTYPE_LEN: usize = 56;
 const OFF_FLAGS: usize = 60;
-pub(crate) const OFF_STATE: usize = 64;
-const OFF_HOLDER_CAP: usize = 72;
+const OFF_RESERVED: usize = 64;
 const OFF_DTYPE: usize = 128;
 const OFF_SHAPE: usize = 640;
-pub(crate) const OFF_HOLDERS: usize = 1152;
 
 /// The element type and shape stored with a buffer.
 ///
@@ -179,6 +179,8 @@ pub struct Parsed {
     pub created_ns: u64,
     /// dtype and shape.
     pub meta: Meta,
+    /// The segment persists after its last holder until removed explicitly.
+    pub persistent: bool,
 }
 
 fn rd_u32(b: &[u8], off: usize) -> u32 {
@@ -220,21 +222,22 @@ pub fn parse(bytes: &[u8], segment_size: u64, page_size: usize, what: &str) -> R
     let version = rd_u32(bytes, OFF_VERSION);
     if version != VERSION {
         return corrupt(format!(
-            "header version {version}, but this zcbuf reads version {VERSION}: open it with a matching zcbuf"
+            "header version {version}, but this zcbuf reads version {VERSION} only{}: open it \
+             with the zcbuf that made it, or remove it (zcbuf.unlink / rm) and create it anew",
+            if version < VERSION {
+                " (version 1 segments kept holders in a header table this zcbuf no longer trusts)"
+            } else {
+                " (made by a newer zcbuf)"
+            }
         ));
     }
     let header_len = rd_u32(bytes, OFF_HEADER_LEN);
     if header_len as usize != HEADER_LEN {
         return corrupt(format!("header length {header_len}, expected {HEADER_LEN}"));
     }
-    if rd_u32(bytes, OFF_HOLDER_CAP) as usize != HOLDER_SLOTS {
-        return corrupt(format!(
-            "holder table has {} slots, expected {HOLDER_SLOTS}",
-            rd_u32(bytes, OFF_HOLDER_CAP)
-        ));
-    }
-    if rd_u32(bytes, OFF_FLAGS) != 0 {
-        return corrupt(format!("unknown flags 0x{:x}", rd_u32(bytes, OFF_FLAGS)));
+    let flags = rd_u32(bytes, OFF_FLAGS);
+    if flags & !KNOWN_FLAGS != 0 {
+        return corrupt(format!("unknown flags 0x{:x}", flags & !KNOWN_FLAGS));
     }
     let data_offset = rd_u64(bytes, OFF_DATA_OFFSET);
     if data_offset < HEADER_LEN as u64 || data_offset % page_size as u64 != 0 {
@@ -263,9 +266,9 @@ pub fn parse(bytes: &[u8], segment_size: u64, page_size: usize, what: &str) -> R
     }
     // Unused bytes must be zero: damage there is damage all the same.
     let unused = [
-        (OFF_HOLDER_CAP + 4, OFF_DTYPE),
+        (OFF_RESERVED, OFF_DTYPE),
         (OFF_DTYPE + dtype_len, OFF_SHAPE),
-        (OFF_SHAPE + 8 * ndim, OFF_HOLDERS),
+        (OFF_SHAPE + 8 * ndim, HEADER_LEN),
     ];
     for (a, b) in unused {
         if let Some(i) = bytes[a..b].iter().position(|x| *x != 0) {
@@ -293,26 +296,25 @@ pub fn parse(bytes: &[u8], segment_size: u64, page_size: usize, what: &str) -> R
         creator_pid: rd_u32(bytes, OFF_CREATOR_PID),
         created_ns: rd_u64(bytes, OFF_CREATED_NS),
         meta,
+        persistent: flags & FLAG_PERSISTENT != 0,
     })
 }
 
-/// True for a header that zcbuf began to write but never published: no magic, but this
-/// version's fixed fields (version, header length, holder slot count) in place.
-pub fn looks_provisional(bytes: &[u8]) -> bool {
-    bytes.len() >= HEADER_LEN
-        && rd_u64(bytes, OFF_MAGIC) == 0
-        && rd_u32(bytes, OFF_VERSION) == VERSION
-        && rd_u32(bytes, OFF_HEADER_LEN) as usize == HEADER_LEN
-        && rd_u32(bytes, OFF_HOLDER_CAP) as usize == HOLDER_SLOTS
-}
-
-/// Serialises a header (without the magic, which `publish` writes) into `out`
-/// (at least [`HEADER_LEN`] bytes, zeroed by the caller).
-pub fn encode(out: &mut [u8], data_offset: u64, data_len: u64, meta: &Meta, creator_pid: u32) {
+/// Serialises a complete header, magic included, into `out` (at least [`HEADER_LEN`] bytes,
+/// zeroed by the caller).
+pub fn encode(
+    out: &mut [u8],
+    data_offset: u64,
+    data_len: u64,
+    meta: &Meta,
+    creator_pid: u32,
+    persistent: bool,
+) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
+    out[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC.to_le_bytes());
     out[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
     out[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
     out[OFF_DATA_OFFSET..OFF_DATA_OFFSET + 8].copy_from_slice(&data_offset.to_le_bytes());
@@ -322,33 +324,12 @@ pub fn encode(out: &mut [u8], data_offset: u64, data_len: u64, meta: &Meta, crea
     out[OFF_NDIM..OFF_NDIM + 4].copy_from_slice(&(meta.shape.len() as u32).to_le_bytes());
     out[OFF_CREATED_NS..OFF_CREATED_NS + 8].copy_from_slice(&now.to_le_bytes());
     out[OFF_DTYPE_LEN..OFF_DTYPE_LEN + 4].copy_from_slice(&(meta.dtype.len() as u32).to_le_bytes());
-    out[OFF_HOLDER_CAP..OFF_HOLDER_CAP + 4].copy_from_slice(&(HOLDER_SLOTS as u32).to_le_bytes());
+    let flags = if persistent { FLAG_PERSISTENT } else { 0 };
+    out[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
     out[OFF_DTYPE..OFF_DTYPE + meta.dtype.len()].copy_from_slice(meta.dtype.as_bytes());
     for (i, d) in meta.shape.iter().enumerate() {
         out[OFF_SHAPE + 8 * i..OFF_SHAPE + 8 * i + 8].copy_from_slice(&d.to_le_bytes());
     }
-}
-
-/// Copies an encoded header (minus the magic) into the segment at `base`, then publishes the
-/// magic with release ordering so an opener that sees the magic sees the whole header.
-///
-/// # Safety
-/// `base` must point to at least [`HEADER_LEN`] writable bytes, 8-byte aligned, that stay mapped.
-pub(crate) unsafe fn publish(base: *mut u8, encoded: &[u8]) {
-    debug_assert!(encoded.len() >= HEADER_LEN);
-    // SAFETY: the caller guarantees HEADER_LEN writable bytes; the magic (first 8 bytes) is
-    // skipped here and written atomically below; the holder table is not touched.
-    unsafe {
-        std::ptr::copy_nonoverlapping(encoded.as_ptr().add(8), base.add(8), OFF_STATE - 8);
-        std::ptr::copy_nonoverlapping(
-            encoded.as_ptr().add(OFF_HOLDER_CAP),
-            base.add(OFF_HOLDER_CAP),
-            OFF_HOLDERS - OFF_HOLDER_CAP,
-        );
-    }
-    // SAFETY: `base` is 8-byte aligned (page-aligned mapping) and valid for the mapping's life.
-    let magic = unsafe { std::sync::atomic::AtomicU64::from_ptr(base.cast::<u64>()) };
-    magic.store(MAGIC, std::sync::atomic::Ordering::Release);
 }
 
 #[cfg(test)]
@@ -357,8 +338,7 @@ mod tests {
 
     fn good(len: u64, meta: &Meta) -> Vec<u8> {
         let mut b = vec![0u8; HEADER_LEN];
-        encode(&mut b, 8192, len, meta, 42);
-        b[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        encode(&mut b, 8192, len, meta, 42, false);
         b
     }
 

@@ -28,7 +28,7 @@ pub mod ffi;
 mod file;
 pub mod gc;
 pub mod header;
-pub mod holders;
+pub mod liveness;
 mod mapping;
 mod registry;
 pub mod shm;

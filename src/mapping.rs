@@ -1,22 +1,24 @@
 //! A mapped buffer of any backing: the memory a registry entry owns.
 //!
-//! Shared and file buffers are two mappings of one object: the header pages (always read-write,
-//! for the holder table) and the data pages (read-only when opened read-only). Private buffers are
-//! one anonymous mapping. Memory is never moved after creation; it is unmapped only when the
-//! [`Mapped`] is dropped, which the registry does after the last lease is released.
+//! A shared buffer is one mapping of its data pages (read-only when opened read-only) plus this
+//! process's [`Hold`] on the segment, which outlives the mapping; the header is read with
+//! `pread` and never mapped. A file buffer is one mapping of header and data (read-write) or of
+//! the data alone (read-only). A private buffer is one anonymous mapping. Memory is never moved
+//! after creation; it is unmapped only when the [`Mapped`] is dropped, which the registry does
+//! after the last lease is released.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
 use crate::header::{self, HEADER_LEN, Meta, Parsed};
-use crate::holders::{self, ClaimError, SegmentKey, Table};
+use crate::liveness::Hold;
 
 /// Which kind of memory backs a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,10 @@ pub struct CreateOptions {
     /// Effective for private buffers when THP is `madvise` or `always`; for shared memory only
     /// when the kernel's `shmem_enabled` allows it (often `never`). Default false.
     pub huge_pages: bool,
+    /// Shared buffers: keep the segment after its last holder is gone, until
+    /// [`crate::shm::unlink`] removes it (`gc` leaves it too). Default false: the last process
+    /// to unmap it removes its name. Ignored for other backings.
+    pub persist: bool,
 }
 
 impl CreateOptions {
@@ -61,6 +67,7 @@ impl CreateOptions {
             reserve: true,
             populate: false,
             huge_pages: false,
+            persist: false,
         }
     }
     /// Sets the dtype and shape.
@@ -78,6 +85,11 @@ impl CreateOptions {
         self.populate = yes;
         self
     }
+    /// Sets [`CreateOptions::persist`].
+    pub fn persist(mut self, yes: bool) -> Self {
+        self.persist = yes;
+        self
+    }
     /// Sets [`CreateOptions::huge_pages`].
     pub fn huge_pages(mut self, yes: bool) -> Self {
         self.huge_pages = yes;
@@ -93,27 +105,18 @@ pub(crate) enum Origin {
 
 /// The memory of one buffer.
 pub(crate) struct Mapped {
-    /// The header pages; for a read-write shared or file buffer, the whole object (header and
-    /// data in one mapping, one mmap and one munmap).
-    header: Option<MmapRaw>,
-    /// The data pages when mapped on their own (read-only opens), else `None`.
-    data: Option<MmapRaw>,
-    /// Offset of the data within `header` when they share one mapping (0 otherwise).
+    /// The mapping, or `None` for zero bytes; the data starts `data_off` bytes into it. Declared
+    /// before `hold`: fields drop in order, so the mapping is gone before the hold is released.
+    map: Option<MmapRaw>,
     data_off: usize,
     len: usize,
     readonly: bool,
     origin: Origin,
-    /// True while this mapping counts as one of this process's handles on a shared segment.
-    joined: AtomicBool,
-    /// The segment's identity, for the process-wide holder count.
-    key: SegmentKey,
     meta: Meta,
-}
-
-fn key_of(file: &File) -> SegmentKey {
-    file.metadata()
-        .map(|m| (m.dev(), m.ino()))
-        .unwrap_or((0, 0))
+    persistent: bool,
+    /// Shared buffers: this process's hold on the segment (one per segment, shared by all its
+    /// mappings here); released after the last of them is unmapped.
+    hold: Option<Arc<Hold>>,
 }
 
 /// A dangling-but-aligned address for zero-length buffers (never dereferenced).
@@ -227,28 +230,28 @@ impl Mapped {
             Some(MmapRaw::from(m))
         };
         Ok(Mapped {
-            header: None,
-            data,
+            map: data,
             data_off: 0,
             len,
             readonly: false,
             origin: Origin::Private,
-            joined: AtomicBool::new(false),
-            key: (0, 0),
             meta: opts.meta.clone(),
+            persistent: false,
+            hold: None,
         })
     }
 
-    /// Lays out a new segment or file in `file` (freshly created, empty, exclusively ours):
-    /// reserves, maps, writes the header and publishes it.
-    pub(crate) fn init_new(
+    /// Lays out a new segment or file in `file` (freshly created, empty, not yet visible to
+    /// anyone else): writes the whole header, then reserves or sizes it. Returns the parsed
+    /// form of the header written, for [`Mapped::map_existing`].
+    pub(crate) fn layout(
         file: &File,
         len: usize,
         opts: &CreateOptions,
-        origin: Origin,
+        persistent: bool,
         where_: &str,
         remedy: &str,
-    ) -> Result<Mapped> {
+    ) -> Result<Parsed> {
         opts.meta.check_len(len as u64)?;
         let page = page_size();
         let off = header::data_offset_for(page);
@@ -256,7 +259,6 @@ impl Mapped {
             .checked_add(len)
             .filter(|t| *t <= isize::MAX as usize)
             .ok_or_else(|| too_big(len))?;
-        let shared = matches!(origin, Origin::Shared { .. });
         let mut enc = vec![0u8; HEADER_LEN];
         header::encode(
             &mut enc,
@@ -264,14 +266,8 @@ impl Mapped {
             len as u64,
             &opts.meta,
             std::process::id(),
+            persistent,
         );
-        if shared {
-            // The creator is holder slot 0 from the first byte written, so a creator killed
-            // before publishing is recognised as dead and its half-made segment reaped by gc.
-            holders::encode_creator(&mut enc);
-        }
-        // Header first (without the magic), then reserve: a crash at any point leaves a
-        // segment that gc can attribute.
         file.write_all_at(&enc, 0)
             .map_err(|e| Error::from_io(&format!("write the header of {where_}"), &e))?;
         if opts.reserve {
@@ -280,71 +276,45 @@ impl Mapped {
             file.set_len(total as u64)
                 .map_err(|e| Error::from_io(&format!("resize {where_}"), &e))?;
         }
-        let mut mo = MmapOptions::new();
-        mo.len(total);
-        if opts.populate {
-            mo.populate();
-        }
-        let hdr = mo
-            .map_raw(file)
-            .map_err(|e| map_failed(total, &format!("map {total} bytes of {where_}"), &e))?;
-        if opts.huge_pages {
-            let _ = hdr.advise(memmap2::Advice::HugePage);
-        }
-        let mut m = Mapped {
-            header: Some(hdr),
-            data: None,
-            data_off: off,
-            len,
-            readonly: false,
-            origin,
-            joined: AtomicBool::new(false),
-            key: key_of(file),
-            meta: opts.meta.clone(),
-        };
-        if shared {
-            holders::adopt_creator(m.key);
-            *m.joined.get_mut() = true;
-        }
-        let base = m.header_ptr().expect("header mapped");
-        // SAFETY: the header mapping is `off >= HEADER_LEN` bytes, writable, page-aligned, and
-        // lives as long as `m`.
-        unsafe { header::publish(base, &enc) };
-        Ok(m)
+        header::parse(&enc, total as u64, page, where_)
     }
 
-    fn map_data(
-        file: &File,
-        off: u64,
-        len: usize,
+    /// Maps an existing segment or file whose header `parsed` was validated against its real
+    /// size. Shared segments (`whole == false`) map the data pages only; files opened
+    /// read-write map header and data (so `flush` writes both).
+    pub(crate) fn map_existing(
+        fd: BorrowedFd<'_>,
+        parsed: Parsed,
         readonly: bool,
-        where_: &str,
-    ) -> Result<Option<MmapRaw>> {
-        if len == 0 {
-            return Ok(None);
-        }
-        let mut mo = MmapOptions::new();
-        mo.offset(off).len(len);
-        let r = if readonly {
-            mo.map_raw_read_only(file)
-        } else {
-            mo.map_raw(file)
-        };
-        r.map(Some)
-            .map_err(|e| map_failed(len, &format!("map {len} data bytes of {where_}"), &e))
-    }
-
-    /// Maps an existing segment or file after validating its header against its real size.
-    /// `header_writable`: map the header pages read-write (needed to join the holder table).
-    pub(crate) fn open_existing(
-        file: &File,
-        readonly: bool,
-        header_writable: bool,
+        whole: bool,
         origin: Origin,
         where_: &str,
-    ) -> std::result::Result<Mapped, OpenError> {
-        let page = page_size();
-        let (parsed, key) = read_header(file, page, where_, true).map_err(OpenError::Other)?;
+    ) -> Result<Mapped> {
+        Self::map_with(fd, parsed, readonly, whole, origin, where_, None)
+    }
+
+    /// [`Mapped::map_existing`] for a buffer just laid out with `opts` (pre-faulting, huge
+    /// pages).
+    pub(crate) fn map_new(
+        fd: BorrowedFd<'_>,
+        parsed: Parsed,
+        whole: bool,
+        origin: Origin,
+        where_: &str,
+        opts: &CreateOptions,
+    ) -> Result<Mapped> {
+        Self::map_with(fd, parsed, false, whole, origin, where_, Some(opts))
+    }
+
+    fn map_with(
+        fd: BorrowedFd<'_>,
+        parsed: Parsed,
+        readonly: bool,
+        whole: bool,
+        origin: Origin,
+        where_: &str,
+        new: Option<&CreateOptions>,
+    ) -> Result<Mapped> {
         let off = parsed.data_offset as usize;
         let len = usize::try_from(parsed.data_len)
             .ok()
@@ -352,74 +322,60 @@ impl Mapped {
                 off.checked_add(*l)
                     .is_some_and(|t| t <= isize::MAX as usize)
             })
-            .ok_or_else(|| OpenError::Other(too_big(parsed.data_len as usize)))?;
-        let where_map =
-            |e: std::io::Error| OpenError::Other(Error::from_io(&format!("map {where_}"), &e));
-        // Read-write: one mapping of header and data. Read-only data: the header pages on their
-        // own (writable only to join the holder table) and the data pages PROT_READ.
-        let (hdr, data, data_off) = if !readonly && header_writable {
-            let whole = MmapOptions::new()
-                .len(off + len)
-                .map_raw(file)
-                .map_err(where_map)?;
-            (whole, None, off)
+            .ok_or_else(|| too_big(parsed.data_len as usize))?;
+        let (start, data_off) = if whole && !readonly {
+            (0, off)
+        } else {
+            (off, 0)
+        };
+        let map_len = off + len - start;
+        let map = if map_len == 0 {
+            None
         } else {
             let mut mo = MmapOptions::new();
-            mo.len(off);
-            let hdr = if header_writable {
-                mo.map_raw(file)
-            } else {
-                mo.map_raw_read_only(file)
+            mo.offset(start as u64).len(map_len);
+            if new.is_some_and(|o| o.populate) {
+                mo.populate();
             }
-            .map_err(where_map)?;
-            let data = Self::map_data(file, off as u64, len, readonly, where_)
-                .map_err(OpenError::Other)?;
-            (hdr, data, 0)
+            let raw = fd.as_raw_fd();
+            let r = if readonly {
+                mo.map_raw_read_only(raw)
+            } else {
+                mo.map_raw(raw)
+            };
+            let m = r.map_err(|e| map_failed(map_len, &format!("map {where_}"), &e))?;
+            if new.is_some_and(|o| o.huge_pages) {
+                // Advice only: a kernel that does not do huge shmem pages ignores it.
+                let _ = m.advise(memmap2::Advice::HugePage);
+            }
+            Some(m)
         };
-        let shared = matches!(origin, Origin::Shared { .. });
-        let mut m = Mapped {
-            header: Some(hdr),
-            data,
+        Ok(Mapped {
+            map,
             data_off,
             len,
             readonly,
             origin,
-            joined: AtomicBool::new(false),
-            key,
             meta: parsed.meta,
-        };
-        if shared && header_writable {
-            match holders::join(&m.table().expect("header mapped"), m.key) {
-                Ok(()) => *m.joined.get_mut() = true,
-                Err(ClaimError::Closing) => return Err(OpenError::Closing),
-                Err(ClaimError::Other(e)) => return Err(OpenError::Other(e)),
-            }
-        }
-        Ok(m)
+            persistent: parsed.persistent,
+            hold: None,
+        })
+    }
+
+    /// Attaches this process's hold on the segment; it is released after the mapping is gone.
+    pub(crate) fn set_hold(&mut self, hold: Arc<Hold>) {
+        self.hold = Some(hold);
     }
 
     /// The data address (a dangling aligned address for zero-length buffers).
     pub(crate) fn data_ptr(&self) -> NonNull<u8> {
-        match (&self.data, &self.header) {
-            (Some(m), _) => NonNull::new(m.as_mut_ptr()).unwrap_or_else(empty_ptr),
-            (None, Some(h)) if self.len > 0 && self.data_off > 0 => {
-                // SAFETY: header and data share this mapping, which is data_off + len bytes.
-                NonNull::new(unsafe { h.as_mut_ptr().add(self.data_off) }).unwrap_or_else(empty_ptr)
+        match &self.map {
+            Some(m) if self.len > 0 => {
+                // SAFETY: the mapping is `data_off + len` bytes, so `data_off` is inside it.
+                NonNull::new(unsafe { m.as_mut_ptr().add(self.data_off) }).unwrap_or_else(empty_ptr)
             }
             _ => empty_ptr(),
         }
-    }
-
-    fn header_ptr(&self) -> Option<*mut u8> {
-        self.header.as_ref().map(|h| h.as_mut_ptr())
-    }
-
-    fn table(&self) -> Option<Table> {
-        let h = self.header.as_ref()?;
-        // SAFETY: the header mapping is at least HEADER_LEN bytes, page-aligned and lives as
-        // long as `self`; callers use the table only while borrowing `self`. It is only written
-        // through when mapped writable (holder slots are claimed only then).
-        Some(unsafe { Table::new(h.as_mut_ptr()) })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -430,6 +386,9 @@ impl Mapped {
     }
     pub(crate) fn meta(&self) -> &Meta {
         &self.meta
+    }
+    pub(crate) fn persistent(&self) -> bool {
+        self.persistent
     }
     pub(crate) fn kind(&self) -> Kind {
         match self.origin {
@@ -450,84 +409,53 @@ impl Mapped {
             _ => None,
         }
     }
-    /// Writes a file buffer's data and header to disk (msync). A no-op for other backings.
+    /// Writes a file buffer's header and data to disk (msync). A no-op for other backings.
     pub(crate) fn flush(&self) -> Result<()> {
         if self.readonly || !matches!(self.origin, Origin::File { .. }) {
             return Ok(());
         }
         let what = || format!("flush {}", self.path().unwrap_or(Path::new("?")).display());
-        if let Some(d) = &self.data {
-            d.flush().map_err(|e| Error::from_io(&what(), &e))?;
-        }
-        if let Some(h) = &self.header {
-            h.flush().map_err(|e| Error::from_io(&what(), &e))?;
+        if let Some(m) = &self.map {
+            m.flush().map_err(|e| Error::from_io(&what(), &e))?;
         }
         Ok(())
     }
-
-    /// Leaves the holder table (shared buffers) and removes the name when this was the last
-    /// live holder. Idempotent. Returns true when the name was removed.
-    pub(crate) fn leave(&self) -> bool {
-        if !self.joined.swap(false, Ordering::AcqRel) {
-            return false;
-        }
-        let Some(t) = self.table() else { return false };
-        if holders::part(&t, self.key) {
-            if let Some(name) = self.name() {
-                let _ = crate::shm::unlink(name);
-            }
-            return true;
-        }
-        false
-    }
-}
-
-/// Why an open did not succeed.
-pub(crate) enum OpenError {
-    /// The segment is being removed by its last holder; retry.
-    Closing,
-    Other(Error),
 }
 
 impl Drop for Mapped {
-    /// Policy: a file buffer is flushed to disk; a shared buffer leaves the holder table (removing
-    /// the name if it was the last live holder); then the mappings are unmapped.
+    /// Policy: a file buffer is flushed to disk; then the mapping is unmapped, and then (for a
+    /// shared buffer whose last mapping in this process this was) the hold is released, which
+    /// removes the name if no other process holds the segment and it is not persistent.
     fn drop(&mut self) {
         let _ = self.flush();
-        self.leave();
+        self.map = None;
+        self.hold = None;
     }
 }
 
-/// Reads and validates the header of `file`, waiting briefly for a creator that is still
-/// writing it (the magic is published last).
+/// Reads and validates the header of the open file `fd`, whose real size is `size`.
 pub(crate) fn read_header(
-    file: &File,
+    fd: BorrowedFd<'_>,
+    size: u64,
     page: usize,
     where_: &str,
-    wait: bool,
-) -> Result<(Parsed, SegmentKey)> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-    loop {
-        let md = file
-            .metadata()
-            .map_err(|e| Error::from_io(&format!("stat {where_}"), &e))?;
-        let size = md.len();
-        let mut buf = [0u8; HEADER_LEN];
-        let got = if size >= HEADER_LEN as u64 {
-            file.read_exact_at(&mut buf, 0)
-                .map(|_| HEADER_LEN)
-                .unwrap_or(0)
-        } else {
-            0
-        };
-        let r = header::parse(&buf[..got], size, page, where_).map(|p| (p, (md.dev(), md.ino())));
-        let young = buf[..8].iter().all(|b| *b == 0);
-        match r {
-            Err(Error::Corrupt(_)) if wait && young && std::time::Instant::now() < deadline => {
-                // Possibly a creator between shm_open and publishing the header.
-                std::thread::sleep(std::time::Duration::from_millis(2));
+) -> Result<Parsed> {
+    let mut buf = [0u8; HEADER_LEN];
+    let mut got = 0;
+    if size >= HEADER_LEN as u64 {
+        while got < HEADER_LEN {
+            match rustix::io::pread(fd, &mut buf[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(Error::from_errno(
+                        &format!("read the header of {where_}"),
+                        e,
+                    ));
+                }
             }
-            other => return other,
         }
     }
+    header::parse(&buf[..got], size, page, where_)
 }

@@ -85,6 +85,8 @@ pub struct Info {
     pub meta: Meta,
     /// Leases currently held.
     pub leases: u64,
+    /// A shared buffer created to persist.
+    pub persistent: bool,
 }
 
 /// A table of buffers with lock-guarded leases.
@@ -128,6 +130,7 @@ fn info_of(e: &Entry) -> Info {
         path: e.mapped.path().map(Path::to_owned),
         meta: e.mapped.meta().clone(),
         leases: e.leases,
+        persistent: e.mapped.persistent(),
     }
 }
 
@@ -283,9 +286,9 @@ impl Registry {
     }
 
     /// Retires `id` at once: later calls on it fail with not-found. The memory is unmapped when
-    /// the last lease is released (at once if none is held). A file buffer is flushed to disk; a
-    /// shared buffer leaves the holder table, and its name is removed if no live process holds
-    /// it any more.
+    /// the last lease is released (at once if none is held). A file buffer is flushed to disk.
+    /// This process holds a shared segment until its last mapping of it is unmapped; then, if
+    /// no other process holds it and it was not created to persist, its name is removed.
     pub fn free(&self, id: u64) -> Result<()> {
         let (mapped, gone) = {
             let mut map = self.shard(id);
@@ -305,7 +308,6 @@ impl Registry {
             (mapped, gone)
         };
         let flushed = mapped.flush();
-        mapped.leave();
         drop(gone);
         drop(mapped);
         flushed

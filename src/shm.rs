@@ -1,12 +1,21 @@
-//! Named POSIX shared-memory segments: names, creation, opening, listing.
+//! Named POSIX shared-memory segments: names, creation, opening, removal.
+//!
+//! A segment is a file in `/dev/shm` (what `shm_open` opens). zcbuf creates it unnamed
+//! (`O_TMPFILE`), writes its header, reserves its pages and maps it, and only then gives it its
+//! name with `linkat`: no process can ever open a half-made segment, and a creator killed at any
+//! step leaves nothing behind. Liveness is kept by the kernel as locks on open files
+//! ([`crate::liveness`]); the protocol and its interleavings are in `docs/design.md`.
 
 use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use rustix::fs::Mode;
-use rustix::shm::OFlags;
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::mapping::{CreateOptions, Mapped, OpenError, Origin};
+use crate::header::Parsed;
+use crate::liveness::{self, FileKey, Hold, NewHold, key_of, shm_dir};
+use crate::mapping::{CreateOptions, Mapped, Origin, page_size, read_header};
 
 /// The prefix of generated names.
 pub const NAME_PREFIX: &str = "zcbuf-";
@@ -64,20 +73,141 @@ pub fn generate_name() -> Result<String> {
     Ok(s)
 }
 
-fn os_name(name: &str) -> String {
-    format!("/{name}")
-}
-
-/// Removes a segment's name. Existing mappings stay valid.
-pub fn unlink(name: &str) -> Result<()> {
-    check_name(name)?;
-    rustix::shm::unlink(os_name(name).as_str())
-        .map_err(|e| Error::from_errno(&format!("remove shared-memory segment {name:?}"), e))
-}
-
 const REMEDY: &str = "enlarge /dev/shm (docker run --shm-size=...), free other segments \
                       (python -m zcbuf gc), use a file-backed buffer, or ask for less";
 
+/// How often an open retries a segment that was removed between its `open` and its hold.
+const OPEN_RETRIES: usize = 100;
+
+fn not_found(name: &str) -> Error {
+    Error::NotFound(format!(
+        "no shared-memory segment named {name:?} (never created, removed with unlink, or \
+         unmapped by every process that held it)"
+    ))
+}
+
+fn open_flags(write: bool) -> OFlags {
+    let rw = if write { OFlags::RDWR } else { OFlags::RDONLY };
+    // NONBLOCK: a FIFO planted in /dev/shm cannot hang us; NOFOLLOW: nor can a symlink redirect.
+    rw | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC
+}
+
+/// Opens `name` in /dev/shm read-write, or read-only when `readonly` and writing is refused.
+/// Returns the open file and whether it is writable.
+fn open_name(dir: BorrowedFd<'_>, name: &str, readonly: bool) -> Result<(OwnedFd, bool)> {
+    let what = |e| match e {
+        Errno::NOENT => not_found(name),
+        e => Error::from_errno(&format!("open shared-memory segment {name:?}"), e),
+    };
+    match rustix::fs::openat(dir, name, open_flags(true), Mode::empty()) {
+        Ok(fd) => Ok((fd, true)),
+        Err(Errno::ACCESS) | Err(Errno::ROFS) if readonly => {
+            rustix::fs::openat(dir, name, open_flags(false), Mode::empty())
+                .map(|fd| (fd, false))
+                .map_err(what)
+        }
+        Err(e) => Err(what(e)),
+    }
+}
+
+fn check_regular(st: &rustix::fs::Stat, name: &str) -> Result<()> {
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(Error::Corrupt(format!(
+            "/dev/shm/{name} is not a regular file, so not a zcbuf segment"
+        )));
+    }
+    Ok(())
+}
+
+/// Opens a shared segment by name: hold, check, validate, map.
+///
+/// Protocol: open the name; take the hold (shared `flock`; a remover's exclusive lock makes us
+/// wait a moment); `fstat`: if the file has no link left, a remover proved it unheld and
+/// removed it before our hold, so start again (the name is gone or names a newer segment);
+/// otherwise the name is ours to rely on: no remover can take the exclusive lock while we hold.
+pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
+    check_name(name)?;
+    let dir = shm_dir()?;
+    let where_ = format!("shared-memory segment {name:?}");
+    for _ in 0..OPEN_RETRIES {
+        let epoch = liveness::fork_epoch();
+        let (fd, writable) = open_name(dir, name, readonly)?;
+        liveness::hold_bounded(fd.as_fd(), &where_)?;
+        let st =
+            rustix::fs::fstat(&fd).map_err(|e| Error::from_errno(&format!("stat {where_}"), e))?;
+        if st.st_nlink == 0 {
+            continue; // removed between our open and our hold
+        }
+        check_regular(&st, name)?;
+        let parsed = read_header(fd.as_fd(), st.st_size as u64, page_size(), &where_)?;
+        let persistent = parsed.persistent;
+        let mut m = Mapped::map_existing(
+            fd.as_fd(),
+            parsed,
+            readonly,
+            false,
+            Origin::Shared {
+                name: name.to_owned(),
+            },
+            &where_,
+        )?;
+        m.set_hold(Hold::adopt(NewHold {
+            fd,
+            key: key_of(&st),
+            name: name.to_owned(),
+            persistent,
+            epoch,
+            writable,
+        }));
+        return Ok(m);
+    }
+    Err(not_found(name))
+}
+
+/// Gives the unnamed file `fd` the name `name` in `dir` (`linkat`); `EEXIST` when taken.
+fn link_name(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
+    match rustix::fs::linkat(fd, "", dir, name, AtFlags::EMPTY_PATH) {
+        // Kernels before 6.10 allow AT_EMPTY_PATH only with CAP_DAC_READ_SEARCH; the /proc
+        // link of the descriptor does the same for everyone.
+        Err(Errno::NOENT) | Err(Errno::PERM) => {
+            let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                path.as_str(),
+                dir,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        r => r,
+    }
+}
+
+/// An unnamed, empty file in `dir`, mode 0600.
+pub(crate) fn unnamed_file(dir: BorrowedFd<'_>, where_: &str) -> Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| match e {
+        Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL => Error::Io(format!(
+            "{where_} cannot make unnamed files (O_TMPFILE, Linux >= 3.11 on tmpfs, ext4, xfs, \
+             btrfs): zcbuf needs them to publish only complete segments"
+        )),
+        e => Error::from_errno(&format!("create a file in {where_}"), e),
+    })
+}
+
+/// Creates a named shared segment of `len` data bytes.
+///
+/// Protocol: make an unnamed file and take its hold; write the header and reserve the pages;
+/// then `linkat` the name. When the name is taken by a segment no process holds (a crashed or
+/// stopped producer) that is not persistent, that segment's name is removed and the link
+/// retried; a held, persistent or foreign file under the name is an `AlreadyExists` error that
+/// says which. Last, the segment is opened again by its name and mapped through that open file
+/// (so `/proc/PID/maps`, `lsof` and `fuser` show the name, not an unnamed file).
 pub(crate) fn create(name: Option<&str>, len: usize, opts: &CreateOptions) -> Result<Mapped> {
     let name = match name {
         Some(n) => {
@@ -87,57 +217,167 @@ pub(crate) fn create(name: Option<&str>, len: usize, opts: &CreateOptions) -> Re
         None => generate_name()?,
     };
     opts.meta.check_len(len as u64)?;
-    let fd = rustix::shm::open(
-        os_name(&name).as_str(),
-        OFlags::CREATE | OFlags::EXCL | OFlags::RDWR,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::EXIST => Error::AlreadyExists(format!(
-            "shared-memory segment {name:?} already exists: open it instead, pick another \
-             name, or pass no name to get a generated one"
-        )),
-        e => Error::from_errno(&format!("create shared-memory segment {name:?}"), e),
-    })?;
-    let file = File::from(fd);
+    let dir = shm_dir()?;
+    let epoch = liveness::fork_epoch();
+    let tmp = unnamed_file(dir, SHM_DIR)?;
+    // Unnamed: nobody else can have it open, so this cannot conflict.
+    liveness::try_hold(tmp.as_fd())?;
+    let file = File::from(tmp);
     let where_ = format!("/dev/shm (segment {name:?})");
-    let origin = Origin::Shared { name: name.clone() };
-    match Mapped::init_new(&file, len, opts, origin, &where_, REMEDY) {
-        Ok(m) => Ok(m),
-        Err(e) => {
-            // Nothing of ours may be left behind: the half-made segment goes.
-            let _ = rustix::shm::unlink(os_name(&name).as_str());
-            Err(e)
+    let parsed = Mapped::layout(&file, len, opts, opts.persist, &where_, REMEDY)?;
+    let tmp = OwnedFd::from(file);
+    let st =
+        rustix::fs::fstat(&tmp).map_err(|e| Error::from_errno(&format!("stat {where_}"), e))?;
+    let key = key_of(&st);
+    let mut attempts = 0;
+    loop {
+        match link_name(tmp.as_fd(), dir, &name) {
+            Ok(()) => break,
+            Err(Errno::EXIST) if attempts < OPEN_RETRIES => {
+                attempts += 1;
+                replace_unheld(dir, &name)?;
+            }
+            Err(Errno::EXIST) => {
+                return Err(Error::AlreadyExists(format!(
+                    "shared-memory segment {name:?} keeps being re-created by other processes"
+                )));
+            }
+            Err(e) => {
+                return Err(Error::from_errno(
+                    &format!("name the new segment {name:?}"),
+                    e,
+                ));
+            }
         }
+    }
+    // From here the segment is visible and complete; our hold on `tmp` keeps any remover off
+    // it. Map it through an open file of its name when the name still names it (only an
+    // explicit unlink can have changed that meanwhile), else through `tmp`.
+    let fd = match rustix::fs::openat(dir, name.as_str(), open_flags(true), Mode::empty()) {
+        Ok(named)
+            if rustix::fs::fstat(&named).is_ok_and(|s| key_of(&s) == key)
+                && liveness::try_hold(named.as_fd()).unwrap_or(false) =>
+        {
+            named // `tmp` is closed below, its lock with it; `named` holds now
+        }
+        _ => tmp
+            .try_clone()
+            .map_err(|e| Error::from_io("duplicate a descriptor", &e))?,
+    };
+    let mapped = Mapped::map_new(
+        fd.as_fd(),
+        parsed,
+        false,
+        Origin::Shared { name: name.clone() },
+        &where_,
+        opts,
+    );
+    let mut m = match mapped {
+        Ok(m) => m,
+        Err(e) => {
+            // Nothing of ours may be left behind: our name goes, unless another process
+            // already opened the segment (then it is theirs to use, and to leave).
+            drop(fd);
+            if liveness::try_exclusive(tmp.as_fd()).unwrap_or(false) {
+                let _ = liveness::remove_name_if(tmp.as_fd(), dir, &name, key);
+            }
+            return Err(e);
+        }
+    };
+    drop(tmp);
+    m.set_hold(Hold::adopt(NewHold {
+        fd,
+        key,
+        name,
+        persistent: opts.persist,
+        epoch,
+        writable: true,
+    }));
+    Ok(m)
+}
+
+/// The name `name` is taken: remove it if it names a zcbuf segment that no process holds and
+/// that is not persistent (then the caller retries its link); otherwise say why not.
+fn replace_unheld(dir: BorrowedFd<'_>, name: &str) -> Result<()> {
+    let exists = |why: String| {
+        Err(Error::AlreadyExists(format!(
+            "shared-memory segment {name:?} already exists and {why}: open it instead, pick \
+             another name, or pass no name to get a generated one"
+        )))
+    };
+    let fd = match rustix::fs::openat(dir, name, open_flags(true), Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(()), // removed meanwhile: retry the link
+        Err(e) => return exists(format!("cannot be inspected ({e})")),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(|e| Error::from_errno(&format!("stat {name:?}"), e))?;
+    let parsed = match inspect_header(fd.as_fd(), &st, name) {
+        Ok(p) => p,
+        Err(e) => return exists(format!("is not a zcbuf segment this zcbuf can judge ({e})")),
+    };
+    if parsed.persistent {
+        return exists(
+            "is persistent (created with persist=True; remove it with zcbuf.unlink first)".into(),
+        );
+    }
+    if !liveness::try_exclusive(fd.as_fd())? {
+        return exists(held_by(key_of(&st)));
+    }
+    liveness::remove_name_if(fd.as_fd(), dir, name, key_of(&st))?;
+    Ok(())
+}
+
+/// The header of an open segment file, validated.
+pub(crate) fn inspect_header(
+    fd: BorrowedFd<'_>,
+    st: &rustix::fs::Stat,
+    name: &str,
+) -> Result<Parsed> {
+    check_regular(st, name)?;
+    read_header(
+        fd,
+        st.st_size as u64,
+        page_size(),
+        &format!("shared-memory segment {name:?}"),
+    )
+}
+
+/// "is held by …" for error messages: the holders' pids as `/proc/locks` gives them.
+pub(crate) fn held_by(key: FileKey) -> String {
+    let pids: Vec<String> = liveness::holder_pids(key)
+        .into_iter()
+        .filter(|p| *p > 0)
+        .map(|p| p.to_string())
+        .collect();
+    if pids.is_empty() {
+        "is held by a live process (one this pid namespace cannot see, or /proc/locks is \
+         unreadable)"
+            .into()
+    } else {
+        format!("is held by live process(es) {}", pids.join(", "))
     }
 }
 
-pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
+/// Removes a segment's name now, whoever holds it (their mappings stay valid), persistent or
+/// not. Only the segment the name names when this call takes the name lock is removed.
+pub fn unlink(name: &str) -> Result<()> {
     check_name(name)?;
-    let where_ = format!("shared-memory segment {name:?}");
-    // A segment whose last holder is removing it is retried: either it disappears (not found)
-    // or the remover backs out because it saw us.
-    for _ in 0..200 {
-        let fd = rustix::shm::open(os_name(name).as_str(), OFlags::RDWR, Mode::empty()).map_err(
-            |e| match e {
-                rustix::io::Errno::NOENT => Error::NotFound(format!(
-                    "no shared-memory segment named {name:?} (never created, or freed by \
-                     every process that held it)"
-                )),
-                e => Error::from_errno(&format!("open {where_}"), e),
-            },
-        )?;
-        let file = File::from(fd);
-        let origin = Origin::Shared {
-            name: name.to_owned(),
-        };
-        match Mapped::open_existing(&file, readonly, true, origin, &where_) {
-            Ok(m) => return Ok(m),
-            Err(OpenError::Other(e)) => return Err(e),
-            Err(OpenError::Closing) => std::thread::sleep(std::time::Duration::from_millis(1)),
+    let dir = shm_dir()?;
+    let fd = match rustix::fs::openat(dir, name, open_flags(true), Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Err(not_found(name)),
+        // Not ours to open for writing: remove it as shm_unlink would (the kernel decides).
+        Err(Errno::ACCESS) => {
+            return rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| {
+                Error::from_errno(&format!("remove shared-memory segment {name:?}"), e)
+            });
         }
+        Err(e) => return Err(Error::from_errno(&format!("open {name:?}"), e)),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(|e| Error::from_errno(&format!("stat {name:?}"), e))?;
+    if liveness::remove_name_if(fd.as_fd(), dir, name, key_of(&st))? {
+        Ok(())
+    } else {
+        Err(not_found(name))
     }
-    Err(Error::NotFound(format!(
-        "{where_} is being removed by its last holder"
-    )))
 }

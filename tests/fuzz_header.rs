@@ -10,8 +10,7 @@ const PAGE: usize = 4096;
 
 fn real_header(meta: &Meta, len: u64) -> Vec<u8> {
     let mut b = vec![0u8; HEADER_LEN];
-    header::encode(&mut b, 8192, len, meta, 1234);
-    b[..8].copy_from_slice(&header::MAGIC.to_le_bytes());
+    header::encode(&mut b, 8192, len, meta, 1234, len % 2 == 0);
     b
 }
 

@@ -1,0 +1,425 @@
+//! Liveness the kernel keeps: locks on a segment's open file.
+//!
+//! Every process that maps any part of a shared segment keeps one open file of it with a
+//! **shared `flock`** on it (the *hold*). The kernel drops the lock when the last descriptor of
+//! that open file is closed, which happens when the process unmaps its last view of the segment
+//! or dies in any way, in any pid namespace: no pid, no `/proc`, no slot table, no daemon.
+//!
+//! Two locks, two roles (`flock` and `fcntl` locks are independent of each other on Linux):
+//!
+//! | lock | taken by | meaning |
+//! |---|---|---|
+//! | `flock` shared | every holder, from before its name check until its last unmap | "I map it" |
+//! | `flock` exclusive, non-blocking | a remover (last holder leaving, `gc`, a create replacing a dead segment) | "nobody maps it" — proven by getting it |
+//! | OFD `fcntl` write lock on byte 0 ([`NAME_BYTE`]) | anyone about to remove the segment's name (remover, `unlink`) | serialises name removals, so the check "the name still points to this file" stays true until the `unlink` |
+//!
+//! Bytes from 16 up are left for later roles (a channel's publisher and subscribers).
+//!
+//! `flock` locks belong to the open file description, so a `fork` child shares its parent's
+//! hold until both have closed their descriptor; `/proc/locks` names the process that took
+//! the lock. See `docs/design.md` for the protocol and its interleavings.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Once, Weak};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{AtFlags, FlockOperation};
+use rustix::io::Errno;
+
+use crate::error::{Error, Result};
+
+/// The byte whose OFD write lock guards removing a segment's name.
+pub const NAME_BYTE: i64 = 0;
+
+/// How long a call waits for a lock another process holds before it reports
+/// [`Error::Timeout`]. zcbuf itself holds the exclusive locks for microseconds; only a stuck or
+/// hostile process holds one longer.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Identifies a file on this machine: (device, inode). An inode cannot be reused while any
+/// process still has the file open, and every holder does.
+pub type FileKey = (u64, u64);
+
+pub(crate) fn key_of(st: &rustix::fs::Stat) -> FileKey {
+    (st.st_dev, st.st_ino)
+}
+
+fn retry_eintr<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::INTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Tries to take this open file's hold (shared) without waiting. `Ok(false)`: another open
+/// file holds the exclusive lock (a remover at work, or a hostile process).
+pub(crate) fn try_hold(fd: BorrowedFd<'_>) -> Result<bool> {
+    flock_nb(
+        fd,
+        FlockOperation::NonBlockingLockShared,
+        "take the hold on",
+    )
+}
+
+/// Tries to take the exclusive lock without waiting: `Ok(true)` proves that no other open file
+/// holds the segment (if this open file held it shared, that lock is replaced).
+pub(crate) fn try_exclusive(fd: BorrowedFd<'_>) -> Result<bool> {
+    flock_nb(fd, FlockOperation::NonBlockingLockExclusive, "lock")
+}
+
+fn flock_nb(fd: BorrowedFd<'_>, op: FlockOperation, what: &str) -> Result<bool> {
+    match retry_eintr(|| rustix::fs::flock(fd, op)) {
+        Ok(()) => Ok(true),
+        Err(Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(Error::from_errno(&format!("{what} a segment (flock)"), e)),
+    }
+}
+
+/// Takes the hold (shared), waiting up to [`LOCK_WAIT`] while another open file holds the
+/// exclusive lock. `what` names the segment for the error message.
+pub(crate) fn hold_bounded(fd: BorrowedFd<'_>, what: &str) -> Result<()> {
+    wait_for(|| try_hold(fd), what, "holds it locked exclusively")
+}
+
+fn wait_for(mut attempt: impl FnMut() -> Result<bool>, what: &str, why: &str) -> Result<()> {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(20);
+    loop {
+        if attempt()? {
+            return Ok(());
+        }
+        if start.elapsed() >= LOCK_WAIT {
+            return Err(Error::Timeout(format!(
+                "another process {why} {what} for over {} s (zcbuf's own removers hold it for \
+                 microseconds, so it is likely stuck or hostile; `python -m zcbuf ls` and \
+                 /proc/locks show who): see docs/security.md",
+                LOCK_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// Takes the OFD write lock on [`NAME_BYTE`], waiting up to [`LOCK_WAIT`].
+pub(crate) fn lock_name(fd: BorrowedFd<'_>, what: &str) -> Result<()> {
+    wait_for(
+        || ofd_lock(fd, NAME_BYTE, libc::F_WRLCK as i16),
+        what,
+        "is removing the name of",
+    )
+}
+
+/// `fcntl(F_OFD_SETLK)` on one byte; `Ok(false)` when another open file holds a conflicting lock.
+fn ofd_lock(fd: BorrowedFd<'_>, byte: i64, ty: i16) -> Result<bool> {
+    loop {
+        // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = ty;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = byte;
+        fl.l_len = 1;
+        // SAFETY: `fd` is a valid open descriptor for the duration of the call (borrowed), and
+        // `fl` is a valid, initialised `struct flock` that F_OFD_SETLK only reads.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+        if r == 0 {
+            return Ok(true);
+        }
+        match Errno::from_io_error(&std::io::Error::last_os_error()) {
+            Some(Errno::INTR) => continue,
+            Some(Errno::AGAIN) | Some(Errno::ACCESS) => return Ok(false),
+            Some(e) => return Err(Error::from_errno("lock a segment's name (fcntl)", e)),
+            None => return Err(Error::Io("fcntl(F_OFD_SETLK) failed".into())),
+        }
+    }
+}
+
+/// The pids of processes that hold file `key` (shared `flock`s), as `/proc/locks` reports
+/// them: the process that took each lock, translated into this process's pid namespace (0 or
+/// absent for a process this namespace cannot see). Empty when `/proc/locks` is unreadable.
+pub fn holder_pids(key: FileKey) -> Vec<i32> {
+    holder_table().remove(&key).unwrap_or_default()
+}
+
+/// Every `flock` holder in `/proc/locks`, by file.
+pub(crate) fn holder_table() -> HashMap<FileKey, Vec<i32>> {
+    let mut out: HashMap<FileKey, Vec<i32>> = HashMap::new();
+    let Ok(text) = std::fs::read_to_string("/proc/locks") else {
+        return out;
+    };
+    for line in text.lines() {
+        // "12: FLOCK  ADVISORY  READ  1234 00:1b:8 0 EOF"; blocked waiters have "->" and are
+        // not holders.
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
+        if f.len() < 6 || f[1] != "FLOCK" {
+            continue;
+        }
+        let Ok(pid) = f[4].parse::<i32>() else {
+            continue;
+        };
+        let mut dev = f[5].split(':');
+        let (Some(maj), Some(min), Some(ino)) = (dev.next(), dev.next(), dev.next()) else {
+            continue;
+        };
+        let (Ok(maj), Ok(min), Ok(ino)) = (
+            u32::from_str_radix(maj, 16),
+            u32::from_str_radix(min, 16),
+            ino.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        let key = (rustix::fs::makedev(maj, min), ino);
+        out.entry(key).or_default().push(pid);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// fork
+
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_fork() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// How many times this process (or an ancestor, before forking it) has called `fork` since
+/// zcbuf first mapped a segment. A hold taken at an older epoch may share its open file with
+/// a child, so its own lock proves nothing about the child: see [`Hold`]'s drop.
+pub(crate) fn fork_epoch() -> u64 {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: `count_fork` is async-signal-safe (one atomic add) and lives as long as the
+        // library (glibc unregisters a library's handlers when it is unloaded).
+        unsafe { libc::pthread_atfork(Some(count_fork), None, None) };
+    });
+    FORKS.load(Ordering::SeqCst)
+}
+
+// ---------------------------------------------------------------------------------------------
+// /dev/shm
+
+/// The directory of POSIX shared memory, opened once per process (`O_PATH`).
+pub(crate) fn shm_dir() -> Result<BorrowedFd<'static>> {
+    static DIR: LazyLock<std::result::Result<OwnedFd, Errno>> = LazyLock::new(|| {
+        rustix::fs::open(
+            crate::shm::SHM_DIR,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+    });
+    match &*DIR {
+        Ok(fd) => Ok(fd.as_fd()),
+        Err(e) => Err(Error::from_errno(
+            &format!("open {} (POSIX shared memory)", crate::shm::SHM_DIR),
+            *e,
+        )),
+    }
+}
+
+/// Removes `name` from `dir` if it still names file `key`, under the name lock taken through
+/// `fd` (an open file of `key`). Returns whether it removed it. The caller has decided the
+/// segment may go (or is `unlink`, which removes held segments too).
+pub(crate) fn remove_name_if(
+    fd: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &str,
+    key: FileKey,
+) -> Result<bool> {
+    lock_name(fd, &format!("{name:?}"))?;
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if key_of(&st) == key => {}
+        Ok(_) | Err(Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(Error::from_errno(&format!("stat {name:?}"), e)),
+    }
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(Error::from_errno(&format!("remove {name:?}"), e)),
+    }
+    // The name lock is released when the caller closes `fd`.
+}
+
+// ---------------------------------------------------------------------------------------------
+// This process's holds
+
+/// This process's hold on one shared segment: the open file that carries its shared `flock`.
+/// One per segment per process, however many buffers, arrays and leases map it; every mapping
+/// of the segment keeps an `Arc<Hold>`, so the hold ends after the last unmap.
+pub(crate) struct Hold {
+    fd: Option<OwnedFd>,
+    key: FileKey,
+    name: String,
+    persistent: bool,
+    /// [`fork_epoch`] read before `fd` was opened.
+    epoch: u64,
+    /// `fd` is open for writing (needed for the exclusive lock).
+    writable: bool,
+}
+
+static HELD: LazyLock<Mutex<HashMap<FileKey, Weak<Hold>>>> = LazyLock::new(Default::default);
+
+fn held() -> std::sync::MutexGuard<'static, HashMap<FileKey, Weak<Hold>>> {
+    // Nothing panics under this lock; a poisoned map is still consistent.
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a new hold is made of.
+pub(crate) struct NewHold {
+    /// The open file, already holding its shared `flock`.
+    pub fd: OwnedFd,
+    /// Its identity.
+    pub key: FileKey,
+    /// The segment's name.
+    pub name: String,
+    /// From the header.
+    pub persistent: bool,
+    /// [`fork_epoch`] read before `fd` was opened.
+    pub epoch: u64,
+    /// `fd` is open for writing.
+    pub writable: bool,
+}
+
+impl Hold {
+    /// This process's hold on `h.key`: the existing one if this process already holds the
+    /// segment, else `h` made into one. In the first case the redundant lock on `h.fd` is
+    /// released (a mapping made through `h.fd` keeps its open file alive, and with it any lock
+    /// on it, so closing `h.fd` would not be enough).
+    pub(crate) fn adopt(h: NewHold) -> Arc<Hold> {
+        let mut map = held();
+        if let Some(existing) = map.get(&h.key).and_then(Weak::upgrade) {
+            // Only this call has `h.fd`'s open file, so this unlocks nothing of anyone else.
+            let _ = retry_eintr(|| rustix::fs::flock(&h.fd, FlockOperation::Unlock));
+            return existing;
+        }
+        let hold = Arc::new(Hold {
+            fd: Some(h.fd),
+            key: h.key,
+            name: h.name,
+            persistent: h.persistent,
+            epoch: h.epoch,
+            writable: h.writable,
+        });
+        map.insert(h.key, Arc::downgrade(&hold));
+        hold
+    }
+
+    /// The close protocol, after this process's last mapping of the segment is gone: if no
+    /// other process holds it and it is not persistent, remove its name (only if the name still
+    /// names this segment). Returns whether the name was removed.
+    fn leave(&mut self) -> Result<bool> {
+        let Some(fd) = self.fd.take() else {
+            return Ok(false);
+        };
+        if self.persistent {
+            return Ok(false);
+        }
+        let dir = shm_dir()?;
+        let fd = if self.writable && self.epoch == fork_epoch() {
+            // No fork since we opened it: no other process shares this open file, so
+            // converting our shared lock to exclusive succeeds exactly when no other process
+            // holds the segment. (A failed conversion drops our lock: we are leaving anyway.)
+            if !try_exclusive(fd.as_fd())? {
+                return Ok(false);
+            }
+            fd
+        } else {
+            // A child may share our open file (and so our lock): close ours, then ask with an
+            // open file of our own whether anyone, that child included, still holds it.
+            drop(fd);
+            let fresh = match rustix::fs::openat(
+                dir,
+                self.name.as_str(),
+                rustix::fs::OFlags::RDWR
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::NONBLOCK
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ) {
+                Ok(f) => f,
+                Err(_) => return Ok(false), // gone, replaced or not ours to remove
+            };
+            let st = rustix::fs::fstat(&fresh)
+                .map_err(|e| Error::from_errno(&format!("stat {:?}", self.name), e))?;
+            if key_of(&st) != self.key || !try_exclusive(fresh.as_fd())? {
+                return Ok(false);
+            }
+            fresh
+        };
+        remove_name_if(fd.as_fd(), dir, &self.name, self.key)
+    }
+}
+
+impl Drop for Hold {
+    /// Policy: forget this hold (unless a newer hold of the same segment took its place), then
+    /// run the close protocol; errors are ignored (a name left behind is removed by `gc` or
+    /// replaced by the next create of that name).
+    fn drop(&mut self) {
+        {
+            let mut map = held();
+            let me: *const Hold = self;
+            if map
+                .get(&self.key)
+                .is_some_and(|w| std::ptr::eq(w.as_ptr(), me))
+            {
+                map.remove(&self.key);
+            }
+        }
+        let _ = self.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_locks_parse() {
+        // Our own flock shows up with our pid.
+        let f = tempfile_in_shm();
+        assert!(try_hold(f.as_fd()).unwrap());
+        let st = rustix::fs::fstat(&f).unwrap();
+        let pids = holder_pids(key_of(&st));
+        assert_eq!(pids, vec![std::process::id() as i32]);
+        // A second open file cannot take the exclusive lock; the first can convert.
+        let g = rustix::fs::open(
+            format!("/proc/self/fd/{}", f.as_raw_fd()).as_str(),
+            rustix::fs::OFlags::RDWR,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        assert!(try_hold(g.as_fd()).unwrap());
+        assert!(!try_exclusive(f.as_fd()).unwrap());
+        drop(g);
+        assert!(try_exclusive(f.as_fd()).unwrap());
+    }
+
+    fn tempfile_in_shm() -> OwnedFd {
+        rustix::fs::openat(
+            shm_dir().unwrap(),
+            ".",
+            rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn name_lock_is_exclusive_between_open_files() {
+        let f = tempfile_in_shm();
+        let g = rustix::fs::open(
+            format!("/proc/self/fd/{}", f.as_raw_fd()).as_str(),
+            rustix::fs::OFlags::RDWR,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        assert!(ofd_lock(f.as_fd(), NAME_BYTE, libc::F_WRLCK as i16).unwrap());
+        assert!(!ofd_lock(g.as_fd(), NAME_BYTE, libc::F_WRLCK as i16).unwrap());
+        drop(f);
+        assert!(ofd_lock(g.as_fd(), NAME_BYTE, libc::F_WRLCK as i16).unwrap());
+    }
+}
