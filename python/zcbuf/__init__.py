@@ -15,7 +15,7 @@ Arrays hold the memory: ``buf.free()`` retires the buffer but never breaks an ar
 
 from __future__ import annotations
 
-from ._admin import Segment, gc, ls, unlink
+from ._admin import Removed, Segment, gc, gc_report, ls, unlink
 from ._buffer import Buffer, create, empty, from_array, get, open, open_file, zeros
 from . import _errors
 from ._errors import (
@@ -29,6 +29,7 @@ from ._errors import (
     OutOfMemoryError,
     PermissionDeniedError,
     ReadOnlyError,
+    Timeout,
 )
 
 __version__ = "0.1.0"
@@ -43,8 +44,10 @@ __all__ = [
     "open_file",
     "get",
     "gc",
+    "gc_report",
     "ls",
     "unlink",
     "Segment",
+    "Removed",
     *_errors.__all__,
 ]

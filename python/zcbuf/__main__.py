@@ -10,8 +10,8 @@ USAGE = """usage: python -m zcbuf COMMAND [options]
 
 commands:
   bench   copy versus zero-copy benchmark: table, results.json/.csv and a plot
-  ls      list zcbuf shared-memory segments (size, dtype/shape, holders alive/dead, age)
-  gc      remove segments whose holders have all died; prints the names removed
+  ls      list zcbuf shared-memory segments (size, dtype/shape, held by which pids, age)
+  gc      remove segments no process maps any more (not persistent ones); says why
 """
 
 
@@ -23,22 +23,28 @@ def _ls() -> int:
     if not segs:
         print("no zcbuf segments in /dev/shm")
         return 0
-    print(f"{'name':<42} {'size':>10} {'dtype':<10} {'shape':<16} {'alive':>5} {'dead':>4} {'age':>8}")
+    print(f"{'name':<42} {'size':>10} {'dtype':<10} {'shape':<16} {'held by':<20} {'age':>8}")
     for s in segs:
         shape = "x".join(map(str, s.shape)) if s.shape is not None else "-"
         age = f"{s.age:.0f}s" if s.created else "?"
         dtype = (s.dtype or "raw")[:10]
-        print(f"{s.name:<42} {fmt_size(s.nbytes):>10} {dtype:<10} {shape:<16} {s.holders_alive:>5} {s.holders_dead:>4} {age:>8}"
+        if s.holders:
+            who = "pid " + ",".join(map(str, s.holders))
+        else:
+            who = "yes (pid unknown)" if s.held else "nobody"
+        flags = " persistent" if s.persistent else ""
+        print(f"{s.name:<42} {fmt_size(s.nbytes):>10} {dtype:<10} {shape:<16} {who:<20} {age:>8}{flags}"
               + (f"  ! {s.problem}" if s.problem else ""))
     return 0
 
 
 def _gc() -> int:
-    from . import gc
+    from . import gc_report
+    from .bench import fmt_size
 
-    removed = gc()
-    for name in removed:
-        print(name)
+    removed = gc_report()
+    for r in removed:
+        print(f"removed {r.name} ({fmt_size(r.nbytes)}): {r.reason}")
     print(f"removed {len(removed)} segment(s)", file=sys.stderr)
     return 0
 

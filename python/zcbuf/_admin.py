@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ._errors import check
 from ._native import ffi, lib
 
-__all__ = ["Segment", "ls", "gc", "unlink"]
+__all__ = ["Segment", "Removed", "ls", "gc", "gc_report", "unlink"]
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,13 @@ class Segment:
     nbytes: int
     dtype: str
     shape: Optional[Tuple[int, ...]]
-    holders_alive: int
-    holders_dead: int
+    held: bool
+    """True while some process maps it (the kernel holds a lock for it)."""
+    holders: Tuple[int, ...]
+    """The holders' pids as /proc/locks names them (a holder in a pid namespace this one cannot
+    see, or a fork child sharing its parent's open file, is not listed on its own)."""
+    persistent: bool
+    """Created with ``persist=True``: kept after its last holder until :func:`unlink`."""
     created: float
     """Creation time, seconds since the epoch."""
     creator_pid: int
@@ -34,24 +39,36 @@ class Segment:
         return max(0.0, time.time() - self.created) if self.created else 0.0
 
 
-def ls() -> List[Segment]:
-    """The zcbuf segments in /dev/shm visible to this user, with their holders alive/dead.
+@dataclass(frozen=True)
+class Removed:
+    """A segment :func:`gc_report` removed, and why."""
 
-    >>> [(s.name, s.holders_alive, s.holders_dead) for s in zcbuf.ls()]
-    [('zcbuf-3f2a...', 1, 0)]
-    """
+    name: str
+    nbytes: int
+    reason: str
+
+
+def _text_call(fn: "Callable[[Any, int, Any], int]") -> str:
     n = ffi.new("size_t *")
     cap = 1 << 16
     while True:
         buf = ffi.new("char[]", cap)
-        check(lib.zcbuf_list(buf, cap, n))
+        check(fn(buf, cap, n))
         if n[0] < cap:
-            break
+            return str(ffi.string(buf).decode("utf-8", "replace"))
         cap = n[0] + (1 << 12)
+
+
+def ls() -> List[Segment]:
+    """The zcbuf segments in /dev/shm visible to this user: size, type, who holds them.
+
+    >>> [(s.name, s.held, s.holders) for s in zcbuf.ls()]
+    [('zcbuf-3f2a...', True, (4242,))]
+    """
     out = []
-    for line in ffi.string(buf).decode("utf-8", "replace").splitlines():
+    for line in _text_call(lib.zcbuf_list).splitlines():
         f = line.split("\t")
-        if len(f) != 9:
+        if len(f) != 10:
             continue
         shape = tuple(int(d) for d in f[3].split(",") if d) if f[2] else None
         out.append(
@@ -60,36 +77,51 @@ def ls() -> List[Segment]:
                 nbytes=int(f[1]),
                 dtype=f[2],
                 shape=shape,
-                holders_alive=int(f[4]),
-                holders_dead=int(f[5]),
-                created=int(f[6]) / 1e9,
-                creator_pid=int(f[7]),
-                problem=f[8],
+                held=f[4] == "1",
+                holders=tuple(sorted({int(p) for p in f[5].split(",") if p})),
+                persistent=f[6] == "1",
+                created=int(f[7]) / 1e9,
+                creator_pid=int(f[8]),
+                problem=f[9],
             )
         )
     return out
 
 
-def gc() -> List[str]:
-    """Reap holders that died (killed, crashed) and remove segments no live process holds.
+def gc_report() -> List[Removed]:
+    """Like :func:`gc`, saying for each segment removed its size and why."""
 
-    Returns the names removed. Nothing a live process holds is ever removed.
-
-    >>> zcbuf.gc()          # after a worker was SIGKILLed while it was the last holder
-    ['zcbuf-3f2a...']
-    """
+    # gc is not idempotent (a second call would find nothing): ask once, with room to spare.
+    n = ffi.new("size_t *")
     cap = 1 << 20
     buf = ffi.new("char[]", cap)
-    n = ffi.new("size_t *")
-    count = ffi.new("size_t *")
-    check(lib.zcbuf_gc(buf, cap, n, count))
-    names = ffi.string(buf).decode("utf-8", "replace").split("\n") if n[0] else []
-    return [x for x in names if x]
+    check(lib.zcbuf_gc(buf, cap, n, ffi.NULL))
+    out = []
+    for line in ffi.string(buf).decode("utf-8", "replace").splitlines():
+        f = line.split("\t")
+        if len(f) == 3:
+            out.append(Removed(name=f[0], nbytes=int(f[1]), reason=f[2]))
+    return out
+
+
+def gc() -> List[str]:
+    """Remove the segments no process maps any more (their holders exited or were killed),
+    except those created with ``persist=True``. Returns the names removed.
+
+    Only files with a valid zcbuf header are judged; nothing a live process maps is removed.
+
+    >>> zcbuf.gc()          # after every worker holding a segment was SIGKILLed
+    ['zcbuf-3f2a...']
+    """
+    return [r.name for r in gc_report()]
 
 
 def unlink(name: str) -> None:
-    """Remove a segment's name now, whoever holds it (their arrays stay valid).
+    """Remove a segment's name now, whoever holds it and persistent or not (arrays over it
+    stay valid; new opens by that name fail, and a new segment may take the name).
 
-    >>> zcbuf.unlink("camera-0")    # new opens fail; existing arrays keep working
+    >>> zcbuf.unlink("camera-0")
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
     check(lib.zcbuf_unlink(name.encode("utf-8")))

@@ -35,7 +35,13 @@ _rel = lib.zcbuf_release
 _SHARED = lib.ZCBUF_KIND_SHARED
 _FILE = lib.ZCBUF_KIND_FILE
 _frombuffer = np.frombuffer
+_unpack = ffi.unpack
+_string = ffi.string
+_open_acquire = lib.zcbuf_open_shared_acquire
+_READ_ONLY = lib.ZCBUF_READ_ONLY
 _U8 = np.dtype(np.uint8)
+# Parsed header dtypes by their text: opening the same kind of buffer again skips the parse.
+_DTYPES: "dict[bytes, np.dtype]" = {}
 
 
 def _release(id_: int) -> Any:
@@ -78,6 +84,7 @@ class Buffer:
         "_mem",
         "_default",
         "_owned",
+        "_persistent",
         "__weakref__",
     )
 
@@ -95,48 +102,94 @@ class Buffer:
         status = _acquire_info(id_, ptr, n, info)
         if status:
             if owned:  # we were handed ownership of the id: do not leak it
-                lib.zcbuf_free(id_)
+                _free(id_)
             check(status)
         try:
-            # The lease is released when the last reference to this cdata goes: the Buffer's and
-            # those of every array made from it (through ffi.buffer -> memoryview -> ndarray).
-            cdata = _gc(ptr[0], _release(id_))
-            mem: Any = _ffi_buffer(cdata, n[0])
             kind = info.kind
-            if info.readonly:
-                mem = memoryview(mem).toreadonly()
-            self._id = id_
-            self._nbytes = int(n[0])
-            self._kind = _KIND_NAMES.get(kind, "unknown")
-            self._readonly = bool(info.readonly)
-            self._name = None
-            self._path = None
-            if kind == _SHARED:
-                self._name = name if name is not None else _text(lib.zcbuf_name, id_)
-            elif kind == _FILE:
-                self._path = path if path is not None else _text(lib.zcbuf_path, id_)
-            self._dtype: Optional[np.dtype] = None
-            self._shape: Optional[Tuple[int, ...]] = None
+            if kind == _SHARED and name is None:
+                name = _text(lib.zcbuf_name, id_)
+            elif kind == _FILE and path is None:
+                path = _text(lib.zcbuf_path, id_)
+            dtype_text = _text(lib.zcbuf_dtype, id_).encode("ascii", "replace") if info.dtype_len else b""
+            shape: Tuple[int, ...] = ()
             if info.dtype_len:
-                self._dtype = _dtype.decode(_text(lib.zcbuf_dtype, id_))
-                if self._dtype.itemsize != info.itemsize:
-                    raise CorruptError(
-                        f"stored dtype {self._dtype} has item size {self._dtype.itemsize}, "
-                        f"but the header says {info.itemsize}"
-                    )
                 dims = _new("uint64_t[]", max(info.ndim, 1))
                 nd = _new("uint32_t *")
                 check(lib.zcbuf_shape(id_, dims, info.ndim, nd))
-                self._shape = tuple(int(dims[i]) for i in range(nd[0]))
+                shape = tuple(_unpack(dims, nd[0]))
+        except BaseException:
+            _rel(id_)
+            if owned:
+                _free(id_)
+            raise
+        self._setup(id_, ptr[0], int(n[0]), info, dtype_text, shape, name, path, owned)
+
+    def _setup(
+        self,
+        id_: int,
+        ptr: Any,
+        n: int,
+        info: Any,
+        dtype_text: bytes,
+        shape: Tuple[int, ...],
+        name: Optional[str],
+        path: Optional[str],
+        owned: bool,
+    ) -> None:
+        """Finish construction over one lease already taken on ``id_`` (at ``ptr``, ``n`` bytes).
+
+        On failure the lease is given back and, when ``owned``, the id freed: nothing leaks.
+        """
+        self._owned = False
+        self._mem = None
+        try:
+            # The lease is released when the last reference to this cdata goes: the Buffer's and
+            # those of every array made from it (through ffi.buffer -> memoryview -> ndarray).
+            cdata = _gc(ptr, _release(id_))
+        except BaseException:
+            _rel(id_)
+            if owned:
+                _free(id_)
+            raise
+        try:
+            mem: Any = _ffi_buffer(cdata, n)
+            if info.readonly:
+                mem = memoryview(mem).toreadonly()
+            kind = info.kind
+            self._id = id_
+            self._nbytes = n
+            self._kind = _KIND_NAMES.get(kind, "unknown")
+            self._readonly = bool(info.readonly)
+            self._persistent = bool(info.persistent)
+            self._name = name if kind == _SHARED else None
+            self._path = path if kind == _FILE else None
+            dt: Optional[np.dtype] = None
+            if dtype_text:
+                dt = _DTYPES.get(dtype_text)
+                if dt is None:
+                    dt = _dtype.decode(dtype_text.decode("ascii", "replace"))
+                    if len(_DTYPES) < 4096:
+                        _DTYPES[dtype_text] = dt
+                if dt.itemsize != info.itemsize:
+                    raise CorruptError(
+                        f"stored dtype {dt} has item size {dt.itemsize}, "
+                        f"but the header says {info.itemsize}"
+                    )
+                self._dtype: Optional[np.dtype] = dt
+                self._shape: Optional[Tuple[int, ...]] = shape
+                count = 1
+                for d in shape:
+                    count *= d
+                dflt = _frombuffer(mem, dt, count).reshape(shape)
+            else:
+                self._dtype = None
+                self._shape = None
+                dflt = _frombuffer(mem, _U8)
         except BaseException:
             if owned:  # we were handed ownership of the id: do not leak it
-                lib.zcbuf_free(id_)
+                _free(id_)
             raise
         # The default array, made once; asarray() hands out views of it (about 0.1 µs).
-        if self._dtype is not None and self._shape is not None:
-            dflt = _frombuffer(mem, self._dtype, math.prod(self._shape)).reshape(self._shape)
-        else:
-            dflt = _frombuffer(mem, _U8)
         self._default: Optional[np.ndarray] = dflt
         self._mem = mem
         self._owned = owned
@@ -192,6 +245,12 @@ class Buffer:
     def readonly(self) -> bool:
         """True when mapped read-only: arrays are not writeable and cannot be made so."""
         return self._readonly
+
+    @property
+    def persistent(self) -> bool:
+        """True for a shared buffer created with ``persist=True``: it outlives its last holder
+        until :func:`zcbuf.unlink` removes it."""
+        return self._persistent
 
     @property
     def freed(self) -> bool:
@@ -346,11 +405,16 @@ def _target(shared: bool, name: Optional[str], path: Optional[PathLike]) -> Tupl
     return lib.ZCBUF_KIND_PRIVATE, ffi.NULL
 
 
-def _flags(reserve: bool, populate: bool, huge_pages: bool = False) -> int:
+def _flags(kind: int, reserve: bool, populate: bool, huge_pages: bool = False, persist: bool = False) -> int:
+    if persist and kind != lib.ZCBUF_KIND_SHARED:
+        raise InvalidArgumentError(
+            "persist=True is for shared buffers (files always persist; private memory cannot)"
+        )
     return (
         (0 if reserve else lib.ZCBUF_NO_RESERVE)
         | (lib.ZCBUF_POPULATE if populate else 0)
         | (lib.ZCBUF_HUGE_PAGES if huge_pages else 0)
+        | (lib.ZCBUF_PERSIST if persist else 0)
     )
 
 
@@ -363,6 +427,7 @@ def create(
     reserve: bool = True,
     populate: bool = False,
     huge_pages: bool = False,
+    persist: bool = False,
 ) -> Buffer:
     """A zero-filled buffer of ``nbytes`` raw bytes.
 
@@ -371,6 +436,12 @@ def create(
     reserved up front (``reserve=False`` gives up the guarantee that a full /dev/shm is an
     error here rather than a crash later); ``populate=True`` pre-faults them;
     ``huge_pages=True`` asks for transparent huge pages (private buffers; advice only).
+
+    A shared buffer's name lives exactly as long as some process maps the segment; the last
+    one to unmap it removes the name. ``persist=True`` keeps it after that, until
+    :func:`zcbuf.unlink` (``gc`` leaves it too). Creating a name that a segment no process
+    holds still has (a producer that crashed) replaces that segment; a held or persistent one
+    gives :class:`AlreadyExistsError` saying who holds it.
 
     >>> with zcbuf.create(1 << 20, shared=True) as buf:
     ...     buf.asarray()[:4] = 7
@@ -381,7 +452,7 @@ def create(
     kind, target = _target(shared, name, path)
     out = ffi.new("uint64_t *")
     check(
-        lib.zcbuf_create_ex(kind, target, n, ffi.NULL, 0, ffi.NULL, 0, _flags(reserve, populate, huge_pages), out)
+        lib.zcbuf_create_ex(kind, target, n, ffi.NULL, 0, ffi.NULL, 0, _flags(kind, reserve, populate, huge_pages, persist), out)
     )
     return Buffer(out[0], owned=True)
 
@@ -396,10 +467,12 @@ def empty(
     reserve: bool = True,
     populate: bool = False,
     huge_pages: bool = False,
+    persist: bool = False,
 ) -> Buffer:
     """A typed buffer whose dtype and shape are stored with it (memory is zero-filled).
 
     Another process that opens it by name gets the same typed array from ``asarray()``.
+    The options are those of :func:`create`.
 
     >>> buf = zcbuf.empty((480, 640, 3), "u1", shared=True)
     >>> buf.asarray().shape
@@ -414,7 +487,7 @@ def empty(
     out = ffi.new("uint64_t *")
     check(
         lib.zcbuf_create_ex(
-            kind, target, nbytes, text, dt.itemsize, dims, len(shp), _flags(reserve, populate, huge_pages), out
+            kind, target, nbytes, text, dt.itemsize, dims, len(shp), _flags(kind, reserve, populate, huge_pages, persist), out
         )
     )
     return Buffer(out[0], owned=True)
@@ -429,6 +502,7 @@ def from_array(
     shared: bool = False,
     name: Optional[str] = None,
     path: Optional[PathLike] = None,
+    persist: bool = False,
 ) -> Buffer:
     """A new typed buffer holding a copy of ``array`` (one copy, to share it from then on).
 
@@ -437,7 +511,7 @@ def from_array(
     5.0
     """
     a = np.asarray(array)
-    buf = empty(a.shape, a.dtype, shared=shared, name=name, path=path)
+    buf = empty(a.shape, a.dtype, shared=shared, name=name, path=path, persist=persist)
     try:
         np.copyto(buf.asarray(), a)
     except BaseException:
@@ -450,15 +524,27 @@ def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the co
     """Open a shared buffer by name, from any process of the same user.
 
     Its header is validated first; a typed buffer gives its typed array. ``readonly=True`` maps
-    it ``PROT_READ``: its arrays are not writeable and cannot be made so.
+    it ``PROT_READ``: its arrays are not writeable and cannot be made so. This process holds
+    the segment (keeps its name alive) while it maps any part of it: this buffer, or any array
+    or view made from it, even after :meth:`Buffer.free`.
 
     >>> frames = zcbuf.open("camera-0", readonly=True).asarray()   # in a worker process
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, not {type(name).__name__}")
-    out = ffi.new("uint64_t *")
-    check(lib.zcbuf_open_shared(name.encode("utf-8"), lib.ZCBUF_READ_ONLY if readonly else 0, out))
-    return Buffer(out[0], owned=True, name=name)
+    out = _new("zcbuf_opened_t *")
+    status = _open_acquire(name.encode("utf-8"), _READ_ONLY if readonly else 0, out)
+    if status:
+        check(status)
+    info = out.info
+    shape: Tuple[int, ...] = ()
+    text = b""
+    if info.dtype_len:
+        text = _string(out.dtype)
+        shape = tuple(_unpack(out.shape, info.ndim))
+    b = Buffer.__new__(Buffer)
+    b._setup(out.id, out.ptr, out.len, info, text, shape, name, None, True)
+    return b
 
 
 def open_file(path: PathLike, *, readonly: bool = False) -> Buffer:

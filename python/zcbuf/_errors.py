@@ -15,6 +15,7 @@ __all__ = [
     "CorruptError",
     "IOFailedError",
     "InternalError",
+    "Timeout",
 ]
 
 
@@ -78,6 +79,12 @@ class InternalError(Error, RuntimeError):
     status = lib.ZCBUF_EINTERNAL
 
 
+class Timeout(Error, TimeoutError):
+    """A bounded wait ran out: another process held a segment's lock for too long."""
+
+    status = lib.ZCBUF_ETIMEDOUT
+
+
 _BY_STATUS: dict[int, type[Error]] = {
     cls.status: cls
     for cls in (
@@ -90,6 +97,7 @@ _BY_STATUS: dict[int, type[Error]] = {
         CorruptError,
         IOFailedError,
         InternalError,
+        Timeout,
     )
 }
 

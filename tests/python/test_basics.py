@@ -51,16 +51,21 @@ def test_free_keeps_arrays_and_unmaps_after_last_view():
     assert buf.freed
     with pytest.raises(zcbuf.NotFoundError):
         buf.asarray()
-    assert not os.path.exists(f"/dev/shm/{name}")  # name removed at free (last holder)
+    # The id is retired, but this process still maps the segment, so it still holds it: the
+    # name stays for others to open until the last view goes.
+    assert os.path.exists(f"/dev/shm/{name}")
     assert mappings_of(name) >= 1  # memory still mapped
     assert sl.sum() == 90 and v[0, 0] == 0x09090909
     del a, v
     gc.collect()
     assert mappings_of(name) >= 1  # the slice still holds it
+    assert os.path.exists(f"/dev/shm/{name}")
+    assert zcbuf.open(name).asarray()[15] == 9  # another open still finds it
     assert sl[0] == 9
     del sl
     gc.collect()
     assert mappings_of(name) == 0
+    assert not os.path.exists(f"/dev/shm/{name}")  # the last unmap removed the name
 
 
 def test_garbage_collected_buffer_frees_itself():
