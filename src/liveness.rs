@@ -292,9 +292,15 @@ impl Hold {
     pub(crate) fn adopt(h: NewHold) -> Arc<Hold> {
         let mut map = held();
         if let Some(existing) = map.get(&h.key).and_then(Weak::upgrade) {
-            // Only this call has `h.fd`'s open file, so this unlocks nothing of anyone else.
-            let _ = retry_eintr(|| rustix::fs::flock(&h.fd, FlockOperation::Unlock));
-            return existing;
+            // Reuse it unless a fork happened since it was taken: then its open file (and lock)
+            // may be shared with another process, and this process is better served by a lock
+            // of its own (which /proc/locks also shows under its own pid). The older hold stays
+            // alive as long as mappings made through it do.
+            if existing.epoch == h.epoch {
+                // Only this call has `h.fd`'s open file, so this unlocks nobody else's lock.
+                let _ = retry_eintr(|| rustix::fs::flock(&h.fd, FlockOperation::Unlock));
+                return existing;
+            }
         }
         let hold = Arc::new(Hold {
             fd: Some(h.fd),

@@ -95,6 +95,8 @@ def test_spawn_pool_with_pickled_handles():
     assert (a == np.arange(1, 9, dtype="f4")[:, None]).all()
     name = buf.name
     buf.free()
+    assert os.path.exists(f"/dev/shm/{name}"), "our array still maps it"
+    del a
     assert not os.path.exists(f"/dev/shm/{name}"), "workers and parent all left: name removed"
 
 
@@ -143,9 +145,10 @@ def test_shapes_and_dtypes_round_trip_in_process(shape, code):
     buf.free()
 
 
-def _fork_child(name, q_in, q_out):
+def _fork_child(name, inherited_buf, q_in, q_out):
     b = zcbuf.open(name)
-    q_out.put([(s.holders_alive, s.holders_dead) for s in zcbuf.ls() if s.name == name])
+    inherited_buf.free()  # gives up the inherited handle: the child still holds through `b`
+    q_out.put([(s.held, os.getpid() in s.holders) for s in zcbuf.ls() if s.name == name])
     q_in.get()  # the parent has freed its handle
     q_out.put((os.path.exists(f"/dev/shm/{name}"), int(b.asarray().sum())))
     b.free()
@@ -153,16 +156,17 @@ def _fork_child(name, q_in, q_out):
 
 
 def test_fork_children_are_holders_of_their_own():
-    """A forked child inherits the parent's zcbuf state but must hold segments in its own name."""
+    """A forked child that frees the Buffer it inherited still holds the segment through its own
+    open; the parent's free then keeps the name; the child, last, removes it."""
     buf = zcbuf.empty((100,), "u1", shared=True)
     buf.asarray()[:] = 1
-    inherited = zcbuf.create(64, shared=True)  # the child inherits this handle; it frees nothing
+    inherited = zcbuf.create(64, shared=True)  # the child inherits this handle and never frees it
     ctx = mp.get_context("fork")
     q_in, q_out = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_fork_child, args=(buf.name, q_in, q_out), daemon=True)
+    p = ctx.Process(target=_fork_child, args=(buf.name, buf, q_in, q_out), daemon=True)
     p.start()
     try:
-        assert q_out.get(timeout=30) == [(2, 0)], "the child must hold a slot of its own"
+        assert q_out.get(timeout=30) == [(True, True)], "the child holds it under its own pid"
         name = buf.name
         buf.free()
         assert os.path.exists(f"/dev/shm/{name}"), "the forked child still holds it"
@@ -174,6 +178,10 @@ def test_fork_children_are_holders_of_their_own():
     finally:
         if p.is_alive():
             p.kill()
-    # the child's exit (and garbage collection of its inherited copy) left the parent's holding
-    assert [(s.holders_alive, s.holders_dead) for s in zcbuf.ls() if s.name == inherited.name] == [(1, 0)]
+    # The child exited with its inherited mapping of `inherited`; the parent still holds it,
+    # and its free (the last holder's) removes the name.
+    seg = [s for s in zcbuf.ls() if s.name == inherited.name]
+    assert seg and seg[0].held and seg[0].holders == (os.getpid(),)
+    name = inherited.name
     inherited.free()
+    assert not os.path.exists(f"/dev/shm/{name}")
