@@ -205,7 +205,12 @@ pub fn data_offset_for(page_size: usize) -> usize {
 ///
 /// Every length, offset, count and string is checked against the real size before anything is
 /// trusted: a header that lies gives [`Error::Corrupt`], never an out-of-range result.
-pub fn parse(bytes: &[u8], segment_size: u64, page_size: usize, what: &str) -> Result<Parsed> {
+pub fn parse(
+    bytes: &[u8],
+    segment_size: u64,
+    page_size: usize,
+    what: impl std::fmt::Display,
+) -> Result<Parsed> {
     let corrupt = |why: String| {
         Err(Error::Corrupt(format!(
             "{what} is not a usable zcbuf buffer: {why}"
@@ -270,8 +275,11 @@ pub fn parse(bytes: &[u8], segment_size: u64, page_size: usize, what: &str) -> R
         (OFF_DTYPE + dtype_len, OFF_SHAPE),
         (OFF_SHAPE + 8 * ndim, HEADER_LEN),
     ];
+    const ZEROS: [u8; HEADER_LEN] = [0; HEADER_LEN];
     for (a, b) in unused {
-        if let Some(i) = bytes[a..b].iter().position(|x| *x != 0) {
+        // A slice comparison is a memcmp: the common (valid) case stays cheap.
+        if bytes[a..b] != ZEROS[..b - a] {
+            let i = bytes[a..b].iter().position(|x| *x != 0).unwrap_or(0);
             return corrupt(format!("reserved header byte {} is not zero", a + i));
         }
     }

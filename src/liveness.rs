@@ -81,11 +81,15 @@ fn flock_nb(fd: BorrowedFd<'_>, op: FlockOperation, what: &str) -> Result<bool> 
 
 /// Takes the hold (shared), waiting up to [`LOCK_WAIT`] while another open file holds the
 /// exclusive lock. `what` names the segment for the error message.
-pub(crate) fn hold_bounded(fd: BorrowedFd<'_>, what: &str) -> Result<()> {
+pub(crate) fn hold_bounded(fd: BorrowedFd<'_>, what: &dyn std::fmt::Display) -> Result<()> {
     wait_for(|| try_hold(fd), what, "holds it locked exclusively")
 }
 
-fn wait_for(mut attempt: impl FnMut() -> Result<bool>, what: &str, why: &str) -> Result<()> {
+fn wait_for(
+    mut attempt: impl FnMut() -> Result<bool>,
+    what: &dyn std::fmt::Display,
+    why: &str,
+) -> Result<()> {
     let start = Instant::now();
     let mut pause = Duration::from_micros(20);
     loop {
@@ -106,7 +110,7 @@ fn wait_for(mut attempt: impl FnMut() -> Result<bool>, what: &str, why: &str) ->
 }
 
 /// Takes the OFD write lock on [`NAME_BYTE`], waiting up to [`LOCK_WAIT`].
-pub(crate) fn lock_name(fd: BorrowedFd<'_>, what: &str) -> Result<()> {
+pub(crate) fn lock_name(fd: BorrowedFd<'_>, what: &dyn std::fmt::Display) -> Result<()> {
     wait_for(
         || ofd_lock(fd, NAME_BYTE, libc::F_WRLCK as i16),
         what,
@@ -230,7 +234,7 @@ pub(crate) fn remove_name_if(
     name: &str,
     key: FileKey,
 ) -> Result<bool> {
-    lock_name(fd, &format!("{name:?}"))?;
+    lock_name(fd, &format_args!("{name:?}"))?;
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) if key_of(&st) == key => {}
         Ok(_) | Err(Errno::NOENT) => return Ok(false),

@@ -288,7 +288,7 @@ impl Mapped {
         readonly: bool,
         whole: bool,
         origin: Origin,
-        where_: &str,
+        where_: &dyn std::fmt::Display,
     ) -> Result<Mapped> {
         Self::map_with(fd, parsed, readonly, whole, origin, where_, None)
     }
@@ -300,7 +300,7 @@ impl Mapped {
         parsed: Parsed,
         whole: bool,
         origin: Origin,
-        where_: &str,
+        where_: &dyn std::fmt::Display,
         opts: &CreateOptions,
     ) -> Result<Mapped> {
         Self::map_with(fd, parsed, false, whole, origin, where_, Some(opts))
@@ -312,7 +312,7 @@ impl Mapped {
         readonly: bool,
         whole: bool,
         origin: Origin,
-        where_: &str,
+        where_: &dyn std::fmt::Display,
         new: Option<&CreateOptions>,
     ) -> Result<Mapped> {
         let off = parsed.data_offset as usize;
@@ -438,7 +438,7 @@ pub(crate) fn read_header(
     fd: BorrowedFd<'_>,
     size: u64,
     page: usize,
-    where_: &str,
+    where_: impl std::fmt::Display,
 ) -> Result<Parsed> {
     let mut buf = [0u8; HEADER_LEN];
     let mut got = 0;

@@ -79,6 +79,15 @@ const REMEDY: &str = "enlarge /dev/shm (docker run --shm-size=...), free other s
 /// How often an open retries a segment that was removed between its `open` and its hold.
 const OPEN_RETRIES: usize = 100;
 
+/// "shared-memory segment NAME", formatted only when an error needs it.
+struct Seg<'a>(&'a str);
+
+impl std::fmt::Display for Seg<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "shared-memory segment {:?}", self.0)
+    }
+}
+
 fn not_found(name: &str) -> Error {
     Error::NotFound(format!(
         "no shared-memory segment named {name:?} (never created, removed with unlink, or \
@@ -128,7 +137,7 @@ fn check_regular(st: &rustix::fs::Stat, name: &str) -> Result<()> {
 pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
     check_name(name)?;
     let dir = shm_dir()?;
-    let where_ = format!("shared-memory segment {name:?}");
+    let where_ = Seg(name);
     for _ in 0..OPEN_RETRIES {
         let epoch = liveness::fork_epoch();
         let (fd, writable) = open_name(dir, name, readonly)?;
@@ -334,12 +343,7 @@ pub(crate) fn inspect_header(
     name: &str,
 ) -> Result<Parsed> {
     check_regular(st, name)?;
-    read_header(
-        fd,
-        st.st_size as u64,
-        page_size(),
-        &format!("shared-memory segment {name:?}"),
-    )
+    read_header(fd, st.st_size as u64, page_size(), Seg(name))
 }
 
 /// "is held by …" for error messages: the holders' pids as `/proc/locks` gives them.
