@@ -95,6 +95,26 @@ fn not_found(name: &str) -> Error {
     ))
 }
 
+/// An error for a failed `open` of a segment; running out of descriptors names the limit.
+pub(crate) fn open_error(what: &str, e: Errno) -> Error {
+    if e == Errno::MFILE || e == Errno::NFILE {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "unlimited".into());
+        let whose = if e == Errno::MFILE {
+            format!("this process's limit of open files (RLIMIT_NOFILE = {limit})")
+        } else {
+            "the system-wide limit of open files".into()
+        };
+        return Error::OutOfMemory(format!(
+            "{what}: {whose} is reached; zcbuf keeps one open file per shared segment a \
+             process maps: free buffers (and drop their arrays), or raise the limit (ulimit -n)"
+        ));
+    }
+    Error::from_errno(what, e)
+}
+
 fn open_flags(write: bool) -> OFlags {
     let rw = if write { OFlags::RDWR } else { OFlags::RDONLY };
     // NONBLOCK: a FIFO planted in /dev/shm cannot hang us; NOFOLLOW: nor can a symlink redirect.
@@ -106,7 +126,7 @@ fn open_flags(write: bool) -> OFlags {
 fn open_name(dir: BorrowedFd<'_>, name: &str, readonly: bool) -> Result<(OwnedFd, bool)> {
     let what = |e| match e {
         Errno::NOENT => not_found(name),
-        e => Error::from_errno(&format!("open shared-memory segment {name:?}"), e),
+        e => open_error(&format!("open shared-memory segment {name:?}"), e),
     };
     match rustix::fs::openat(dir, name, open_flags(true), Mode::empty()) {
         Ok(fd) => Ok((fd, true)),
@@ -205,7 +225,7 @@ pub(crate) fn unnamed_file(dir: BorrowedFd<'_>, where_: &str) -> Result<OwnedFd>
             "{where_} cannot make unnamed files (O_TMPFILE, Linux >= 3.11 on tmpfs, ext4, xfs, \
              btrfs): zcbuf needs them to publish only complete segments"
         )),
-        e => Error::from_errno(&format!("create a file in {where_}"), e),
+        e => open_error(&format!("create a file in {where_}"), e),
     })
 }
 
@@ -262,19 +282,18 @@ pub(crate) fn create(name: Option<&str>, len: usize, opts: &CreateOptions) -> Re
     // From here the segment is visible and complete; our hold on `tmp` keeps any remover off
     // it. Map it through an open file of its name when the name still names it (only an
     // explicit unlink can have changed that meanwhile), else through `tmp`.
-    let fd = match rustix::fs::openat(dir, name.as_str(), open_flags(true), Mode::empty()) {
+    let named = match rustix::fs::openat(dir, name.as_str(), open_flags(true), Mode::empty()) {
         Ok(named)
             if rustix::fs::fstat(&named).is_ok_and(|s| key_of(&s) == key)
                 && liveness::try_hold(named.as_fd()).unwrap_or(false) =>
         {
-            named // `tmp` is closed below, its lock with it; `named` holds now
+            Some(named)
         }
-        _ => tmp
-            .try_clone()
-            .map_err(|e| Error::from_io("duplicate a descriptor", &e))?,
+        _ => None, // out of descriptors, or unlinked meanwhile: map through `tmp`
     };
+    let map_fd = named.as_ref().map_or(tmp.as_fd(), |n| n.as_fd());
     let mapped = Mapped::map_new(
-        fd.as_fd(),
+        map_fd,
         parsed,
         false,
         Origin::Shared { name: name.clone() },
@@ -286,14 +305,21 @@ pub(crate) fn create(name: Option<&str>, len: usize, opts: &CreateOptions) -> Re
         Err(e) => {
             // Nothing of ours may be left behind: our name goes, unless another process
             // already opened the segment (then it is theirs to use, and to leave).
-            drop(fd);
+            drop(named);
             if liveness::try_exclusive(tmp.as_fd()).unwrap_or(false) {
                 let _ = liveness::remove_name_if(tmp.as_fd(), dir, &name, key);
             }
             return Err(e);
         }
     };
-    drop(tmp);
+    // `named` holds now (when it exists): closing `tmp` drops its redundant lock.
+    let fd = match named {
+        Some(n) => {
+            drop(tmp);
+            n
+        }
+        None => tmp,
+    };
     m.set_hold(Hold::adopt(NewHold {
         fd,
         key,
