@@ -34,7 +34,7 @@ int main(void) {
     CHECK(zcbuf_name(id, name, sizeof name, &name_len), ZCBUF_OK);
     printf("created shared buffer id=%llu name=%s\n", (unsigned long long)id, name);
 
-    /* it is listed, with this process as its one live holder; gc leaves it alone */
+    /* it is listed as held, by this process only; gc leaves it alone */
     {
         size_t need = 0, removed = 0;
         CHECK(zcbuf_list(NULL, 0, &need), ZCBUF_OK);
@@ -42,9 +42,11 @@ int main(void) {
         if (!text) return 2;
         CHECK(zcbuf_list(text, need + 1, &need), ZCBUF_OK);
         char *line = strstr(text, name);
-        /* fields: name, len, dtype, shape, alive, dead, ... */
-        if (!line || !strstr(line, "\t1048576\t\t\t1\t0\t")) {
-            fprintf(stderr, "FAIL: zcbuf_list does not show %s with one live holder\n", name);
+        /* fields: name, len, dtype, shape, held, holder pids, persistent, ... */
+        char want[64];
+        snprintf(want, sizeof want, "\t1048576\t\t\t1\t%ld\t0\t", (long)getpid());
+        if (!line || !strstr(line, want)) {
+            fprintf(stderr, "FAIL: zcbuf_list does not show %s held by this process only\n", name);
             failures++;
         }
         free(text);
@@ -72,7 +74,7 @@ int main(void) {
         fprintf(stderr, "FAIL: data changed under a lease\n");
         failures++;
     }
-    CHECK(zcbuf_release(id), ZCBUF_OK); /* last lease: unmapped now */
+    CHECK(zcbuf_release(id), ZCBUF_OK); /* last lease: unmapped now (the `ro` open still holds) */
     CHECK(zcbuf_release(id), ZCBUF_ENOTFOUND);
     CHECK(zcbuf_release(ro), ZCBUF_OK);
     CHECK(zcbuf_release(ro), ZCBUF_EINVAL); /* release without a lease */
