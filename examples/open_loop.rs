@@ -7,7 +7,9 @@
 //!   `ftruncate` + `mmap` + `munmap` + `close` + `shm_unlink`;
 //! * the same with pages reserved (`fallocate`), reported apart, per MiB.
 //!
-//! Usage: `open_loop [ITERATIONS] [SIZE_BYTES]` (defaults 20000, 1 MiB). Prints medians of
+//! Usage: `open_loop [ITERATIONS] [SIZE_BYTES] [NAME]` (defaults 20000, 1 MiB). With NAME, the
+//! open+free rows open that segment, made and held by another process (as a consumer finds a
+//! producer's segment); without, one this process makes and holds. Prints medians of
 //! per-round means and their ratios. Also a target for profilers:
 //! `perf record target/release/examples/open_loop 200000`.
 use std::os::fd::AsFd;
@@ -64,10 +66,15 @@ fn main() {
     let size: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1 << 20);
     let per_round = (n / ROUNDS).max(1);
     let r = Registry::global();
-    // The segment opened by name is held by its creator (this process) throughout, as a
-    // consumer would find a producer's segment.
-    let id = r.create_shared(None, size, &CreateOptions::new()).unwrap();
-    let name = r.name(id).unwrap().unwrap();
+    // The segment opened by name is held by its creator throughout, as a consumer would find a
+    // producer's segment: another process's (NAME given) or this one's.
+    let (own, name) = match args.next() {
+        Some(name) => (None, name),
+        None => {
+            let id = r.create_shared(None, size, &CreateOptions::new()).unwrap();
+            (Some(id), r.name(id).unwrap().unwrap())
+        }
+    };
     let os_name = format!("/{name}");
     let bare_name = format!("/zcbuf-open-loop-bare-{}", std::process::id());
     let lazy = CreateOptions::new().reserve(false);
@@ -89,11 +96,15 @@ fn main() {
             r.free(h).unwrap();
         }));
     }
-    r.free(id).unwrap();
+    if let Some(id) = own {
+        r.free(id).unwrap();
+    }
     let (zo, bo, zc, bc, zr) = (median(zo), median(bo), median(zc), median(bc), median(zr));
     println!(
-        "segment size {} KiB, {ROUNDS} rounds of {per_round}; medians of round means",
-        size / 1024
+        "segment size {} KiB, {ROUNDS} rounds of {per_round}; medians of round means; the segment \
+         opened by name is held by {}",
+        size / 1024,
+        if own.is_some() { "this process" } else { "another process" }
     );
     println!(
         "open+free by name:   zcbuf {zo:6.2} µs   kernel floor {bo:6.2} µs   ratio {:.2}x (target <= 1.3x)",
