@@ -104,7 +104,11 @@ fn main() {
         "segment size {} KiB, {ROUNDS} rounds of {per_round}; medians of round means; the segment \
          opened by name is held by {}",
         size / 1024,
-        if own.is_some() { "this process" } else { "another process" }
+        if own.is_some() {
+            "this process"
+        } else {
+            "another process"
+        }
     );
     println!(
         "open+free by name:   zcbuf {zo:6.2} µs   kernel floor {bo:6.2} µs   ratio {:.2}x (target <= 1.3x)",

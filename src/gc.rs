@@ -3,7 +3,7 @@
 //! Both only read headers (`pread`), never map or write them: a segment another process
 //! truncated or scribbled on cannot make them fault.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{Mode, OFlags};
 
@@ -61,8 +61,7 @@ fn names() -> Result<Vec<String>> {
 }
 
 /// An open file of `name` in /dev/shm (read-write when allowed), and its stat.
-fn open(name: &str) -> Option<(OwnedFd, rustix::fs::Stat)> {
-    let dir = shm_dir().ok()?;
+fn open(dir: BorrowedFd<'_>, name: &str) -> Option<(OwnedFd, rustix::fs::Stat)> {
     let flags = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let fd = rustix::fs::openat(dir, name, flags | OFlags::RDWR, Mode::empty())
         .or_else(|_| rustix::fs::openat(dir, name, flags | OFlags::RDONLY, Mode::empty()))
@@ -76,8 +75,9 @@ fn has_magic(fd: &OwnedFd) -> bool {
     matches!(rustix::io::pread(fd, &mut m, 0), Ok(8)) && u64::from_le_bytes(m) == MAGIC
 }
 
-/// True when some open file other than `fd` holds the segment: `fd` cannot take the
-/// exclusive lock. (Taking it for a moment makes a concurrent opener wait microseconds.)
+/// Without /proc/locks: true when some open file other than `fd` holds the segment. This takes
+/// the exclusive lock for a moment, which could make a last holder leaving at that very moment
+/// leave the name behind (for `gc` to remove); with /proc/locks readable it is never used.
 fn probe_held(fd: &OwnedFd) -> bool {
     match liveness::try_exclusive(fd.as_fd()) {
         Ok(got) => !got,
@@ -102,10 +102,11 @@ fn info(name: &str, p: Parsed, held: bool, pids: &[i32]) -> SegmentInfo {
 /// Lists the zcbuf segments in `/dev/shm` visible to this user: those with a zcbuf header
 /// (valid or not, e.g. of another version), and `zcbuf-` files whose header is unusable.
 pub fn list() -> Result<Vec<SegmentInfo>> {
+    let dir = shm_dir()?;
     let locks = liveness::holder_table();
     let mut out = Vec::new();
     for name in names()? {
-        let Some((fd, st)) = open(&name) else {
+        let Some((fd, st)) = open(dir, &name) else {
             continue;
         };
         let ours = has_magic(&fd);
@@ -113,9 +114,16 @@ pub fn list() -> Result<Vec<SegmentInfo>> {
             continue;
         }
         let key = key_of(&st);
-        let pids = locks.get(&key).cloned().unwrap_or_default();
+        let pids = locks
+            .as_ref()
+            .and_then(|l| l.get(&key).cloned())
+            .unwrap_or_default();
+        let held = match &locks {
+            Some(_) => !pids.is_empty(),
+            None => probe_held(&fd),
+        };
         match inspect_header(fd.as_fd(), &st, &name) {
-            Ok(p) => out.push(info(&name, p, probe_held(&fd), &pids)),
+            Ok(p) => out.push(info(&name, p, held, &pids)),
             Err(e) => out.push(SegmentInfo {
                 name,
                 len: 0,
@@ -139,7 +147,7 @@ pub fn gc() -> Result<Vec<Removed>> {
     let dir = shm_dir()?;
     let mut removed = Vec::new();
     for name in names()? {
-        let Some((fd, st)) = open(&name) else {
+        let Some((fd, st)) = open(dir, &name) else {
             continue;
         };
         let Ok(p) = inspect_header(fd.as_fd(), &st, &name) else {

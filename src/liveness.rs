@@ -11,9 +11,12 @@
 //! |---|---|---|
 //! | `flock` shared | every holder, from before its name check until its last unmap | "I map it" |
 //! | `flock` exclusive, non-blocking | a remover (last holder leaving, `gc`, a create replacing a dead segment) | "nobody maps it" — proven by getting it |
-//! | OFD `fcntl` write lock on byte 0 ([`NAME_BYTE`]) | anyone about to remove the segment's name (remover, `unlink`) | serialises name removals, so the check "the name still points to this file" stays true until the `unlink` |
+//! | OFD `fcntl` write lock on byte 2^62 ([`NAME_BYTE`]) | anyone about to remove the segment's name (remover, `unlink`) | serialises name removals, so the check "the name still points to this file" stays true until the `unlink` |
 //!
-//! Bytes from 16 up are left for later roles (a channel's publisher and subscribers).
+//! Bytes from 2^62 + 16 up are left for later roles (a channel's publisher and subscribers).
+//! Only removers (which remove the name when they get it) and holders take the `flock`: a
+//! probe that took the exclusive lock without removing could make a concurrent last holder
+//! leave the name behind, so `ls` reads `/proc/locks` instead.
 //!
 //! `flock` locks belong to the open file description, so a `fork` child shares its parent's
 //! hold until both have closed their descriptor; `/proc/locks` names the process that took
@@ -22,7 +25,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Once, Weak};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, FlockOperation};
@@ -30,8 +33,10 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 
-/// The byte whose OFD write lock guards removing a segment's name.
-pub const NAME_BYTE: i64 = 0;
+/// The byte whose OFD write lock guards removing a segment's name: far past any data, so that a
+/// program locking ranges of a segment's data with `fcntl`/`lockf` does not contend with it
+/// (only a whole-file lock does).
+pub const NAME_BYTE: i64 = 1 << 62;
 
 /// How long a call waits for a lock another process holds before it reports
 /// [`Error::Timeout`]. zcbuf itself holds the exclusive locks for microseconds; only a stuck or
@@ -143,18 +148,18 @@ fn ofd_lock(fd: BorrowedFd<'_>, byte: i64, ty: i16) -> Result<bool> {
 }
 
 /// The pids of processes that hold file `key` (shared `flock`s), as `/proc/locks` reports
-/// them: the process that took each lock, translated into this process's pid namespace (0 or
-/// absent for a process this namespace cannot see). Empty when `/proc/locks` is unreadable.
+/// them: the process that took each lock, translated into this process's pid namespace (0 for
+/// a process this namespace cannot see). Empty when `/proc/locks` is unreadable.
 pub fn holder_pids(key: FileKey) -> Vec<i32> {
-    holder_table().remove(&key).unwrap_or_default()
+    holder_table()
+        .and_then(|mut t| t.remove(&key))
+        .unwrap_or_default()
 }
 
-/// Every `flock` holder in `/proc/locks`, by file.
-pub(crate) fn holder_table() -> HashMap<FileKey, Vec<i32>> {
+/// Every `flock` in `/proc/locks`, by file; `None` when `/proc/locks` cannot be read.
+pub(crate) fn holder_table() -> Option<HashMap<FileKey, Vec<i32>>> {
     let mut out: HashMap<FileKey, Vec<i32>> = HashMap::new();
-    let Ok(text) = std::fs::read_to_string("/proc/locks") else {
-        return out;
-    };
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
     for line in text.lines() {
         // "12: FLOCK  ADVISORY  READ  1234 00:1b:8 0 EOF"; blocked waiters have "->" and are
         // not holders.
@@ -179,7 +184,7 @@ pub(crate) fn holder_table() -> HashMap<FileKey, Vec<i32>> {
         let key = (rustix::fs::makedev(maj, min), ino);
         out.entry(key).or_default().push(pid);
     }
-    out
+    Some(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,20 +192,54 @@ pub(crate) fn holder_table() -> HashMap<FileKey, Vec<i32>> {
 
 static FORKS: AtomicU64 = AtomicU64::new(0);
 
-extern "C" fn count_fork() {
+thread_local! {
+    /// The locks [`before_fork`] took, released by [`after_fork`] in the parent and the child.
+    static FORK_GUARDS: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `pthread_atfork` prepare handler: counts the fork, and takes every zcbuf lock (the hold map,
+/// then the global registry's shards) so that the child starts with none of them held by a
+/// thread that does not exist there. No zcbuf code takes these in another order, and none
+/// waits for anything while holding them.
+extern "C" fn before_fork() {
     FORKS.fetch_add(1, Ordering::SeqCst);
+    let mut guards: Vec<Box<dyn std::any::Any>> = Vec::with_capacity(1 + crate::registry::SHARDS);
+    guards.push(Box::new(held()));
+    guards.extend(crate::registry::Registry::global().lock_all());
+    let _ = FORK_GUARDS.try_with(|g| {
+        if let Ok(mut g) = g.try_borrow_mut() {
+            *g = guards;
+        }
+    });
+}
+
+/// `pthread_atfork` parent and child handler: releases what [`before_fork`] took.
+extern "C" fn after_fork() {
+    let _ = FORK_GUARDS.try_with(|g| {
+        if let Ok(mut g) = g.try_borrow_mut() {
+            g.clear();
+        }
+    });
+}
+
+/// Registers the fork handlers (once per process). Called when the global registry is made.
+pub(crate) fn register_fork_handlers() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: the handlers are plain functions that live as long as the library (glibc
+        // unregisters a library's handlers when it is unloaded); they only count, lock and
+        // unlock, in the forking thread, and never unwind (nothing in them panics: `try_with`
+        // and `try_borrow_mut` report instead).
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork)) };
+    });
 }
 
 /// How many times this process (or an ancestor, before forking it) has called `fork` since
-/// zcbuf first mapped a segment. A hold taken at an older epoch may share its open file with
-/// a child, so its own lock proves nothing about the child: see [`Hold`]'s drop.
+/// zcbuf was first used. A hold taken at an older epoch may share its open file with a child,
+/// so its own lock proves nothing about the child: see [`Hold`]'s drop.
 pub(crate) fn fork_epoch() -> u64 {
-    static REGISTER: Once = Once::new();
-    REGISTER.call_once(|| {
-        // SAFETY: `count_fork` is async-signal-safe (one atomic add) and lives as long as the
-        // library (glibc unregisters a library's handlers when it is unloaded).
-        unsafe { libc::pthread_atfork(Some(count_fork), None, None) };
-    });
+    register_fork_handlers();
     FORKS.load(Ordering::SeqCst)
 }
 
@@ -209,20 +248,24 @@ pub(crate) fn fork_epoch() -> u64 {
 
 /// The directory of POSIX shared memory, opened once per process (`O_PATH`).
 pub(crate) fn shm_dir() -> Result<BorrowedFd<'static>> {
-    static DIR: LazyLock<std::result::Result<OwnedFd, Errno>> = LazyLock::new(|| {
-        rustix::fs::open(
-            crate::shm::SHM_DIR,
-            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-    });
-    match &*DIR {
-        Ok(fd) => Ok(fd.as_fd()),
-        Err(e) => Err(Error::from_errno(
-            &format!("open {} (POSIX shared memory)", crate::shm::SHM_DIR),
-            *e,
-        )),
+    static DIR: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = DIR.get() {
+        return Ok(fd.as_fd());
     }
+    // A failure (out of descriptors, say) is not remembered: the next call tries again.
+    let fd = rustix::fs::open(
+        crate::shm::SHM_DIR,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| {
+        crate::shm::open_error(
+            &format!("open {} (POSIX shared memory)", crate::shm::SHM_DIR),
+            e,
+        )
+    })?;
+    // Two threads may both open it; one descriptor wins, the other is closed.
+    Ok(DIR.get_or_init(|| fd).as_fd())
 }
 
 /// Removes `name` from `dir` if it still names file `key`, under the name lock taken through
@@ -261,13 +304,15 @@ pub(crate) struct Hold {
     persistent: bool,
     /// [`fork_epoch`] read before `fd` was opened.
     epoch: u64,
+    /// The process that took it (a child made without fork handlers has another pid).
+    pid: u32,
     /// `fd` is open for writing (needed for the exclusive lock).
     writable: bool,
 }
 
 static HELD: LazyLock<Mutex<HashMap<FileKey, Weak<Hold>>>> = LazyLock::new(Default::default);
 
-fn held() -> std::sync::MutexGuard<'static, HashMap<FileKey, Weak<Hold>>> {
+fn held() -> MutexGuard<'static, HashMap<FileKey, Weak<Hold>>> {
     // Nothing panics under this lock; a poisoned map is still consistent.
     HELD.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -294,13 +339,14 @@ impl Hold {
     /// released (a mapping made through `h.fd` keeps its open file alive, and with it any lock
     /// on it, so closing `h.fd` would not be enough).
     pub(crate) fn adopt(h: NewHold) -> Arc<Hold> {
+        let pid = std::process::id();
         let mut map = held();
         if let Some(existing) = map.get(&h.key).and_then(Weak::upgrade) {
             // Reuse it unless a fork happened since it was taken: then its open file (and lock)
             // may be shared with another process, and this process is better served by a lock
             // of its own (which /proc/locks also shows under its own pid). The older hold stays
             // alive as long as mappings made through it do.
-            if existing.epoch == h.epoch {
+            if existing.epoch == h.epoch && existing.pid == pid {
                 // Only this call has `h.fd`'s open file, so this unlocks nobody else's lock.
                 let _ = retry_eintr(|| rustix::fs::flock(&h.fd, FlockOperation::Unlock));
                 return existing;
@@ -312,10 +358,19 @@ impl Hold {
             name: h.name,
             persistent: h.persistent,
             epoch: h.epoch,
+            pid,
             writable: h.writable,
         });
         map.insert(h.key, Arc::downgrade(&hold));
         hold
+    }
+
+    /// The open file that carries the hold (for mapping through it).
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd
+            .as_ref()
+            .expect("a live hold has its descriptor")
+            .as_fd()
     }
 
     /// The close protocol, after this process's last mapping of the segment is gone: if no
@@ -329,7 +384,8 @@ impl Hold {
             return Ok(false);
         }
         let dir = shm_dir()?;
-        let fd = if self.writable && self.epoch == fork_epoch() {
+        let unforked = self.epoch == fork_epoch() && self.pid == std::process::id();
+        let fd = if self.writable && unforked {
             // No fork since we opened it: no other process shares this open file, so
             // converting our shared lock to exclusive succeeds exactly when no other process
             // holds the segment. (A failed conversion drops our lock: we are leaving anyway.)

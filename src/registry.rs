@@ -119,7 +119,10 @@ impl Default for Registry {
     }
 }
 
-static GLOBAL: LazyLock<Registry> = LazyLock::new(Registry::new);
+static GLOBAL: LazyLock<Registry> = LazyLock::new(|| {
+    crate::liveness::register_fork_handlers();
+    Registry::new()
+});
 
 fn info_of(e: &Entry) -> Info {
     Info {
@@ -340,6 +343,18 @@ impl Registry {
     pub fn flush(&self, id: u64) -> Result<()> {
         let mapped = self.with(id, |e| Arc::clone(&e.mapped))?;
         mapped.flush()
+    }
+
+    /// Locks every shard, in order (for the fork handlers; see `liveness::before_fork`).
+    pub(crate) fn lock_all(&'static self) -> Vec<Box<dyn std::any::Any>> {
+        self.shards
+            .iter()
+            .map(|s| {
+                let g: Box<dyn std::any::Any> =
+                    Box::new(s.0.lock().unwrap_or_else(|p| p.into_inner()));
+                g
+            })
+            .collect()
     }
 
     /// Number of live (not freed) ids.

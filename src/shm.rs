@@ -34,7 +34,8 @@ pub const SHM_DIR: &str = "/dev/shm";
 pub fn check_name(name: &str) -> Result<()> {
     let bad = |why: &str| {
         Err(Error::InvalidArgument(format!(
-            "shared-memory name {name:?} {why}: use 1 to {MAX_NAME_LEN} bytes without '/' or NUL"
+            "shared-memory name {name:?} {why}: use 1 to {MAX_NAME_LEN} bytes without '/' or \
+             control characters"
         )))
     };
     if name.is_empty() {
@@ -48,6 +49,9 @@ pub fn check_name(name: &str) -> Result<()> {
     }
     if name.contains('\0') {
         return bad("contains a NUL byte");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("contains a control character (tab, newline, ...)");
     }
     if name == "." || name == ".." {
         return bad("is a directory name");
@@ -168,10 +172,21 @@ pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
             continue; // removed between our open and our hold
         }
         check_regular(&st, name)?;
+        // A file whose header does not validate is not ours: closing `fd` just drops our lock.
         let parsed = read_header(fd.as_fd(), st.st_size as u64, page_size(), &where_)?;
-        let persistent = parsed.persistent;
+        // From here we are a holder like any other, also if mapping fails: the hold's drop
+        // then runs the close protocol, so a last holder that left while we held does not
+        // leave the name behind because of us.
+        let hold = Hold::adopt(NewHold {
+            fd,
+            key: key_of(&st),
+            name: name.to_owned(),
+            persistent: parsed.persistent,
+            epoch,
+            writable,
+        });
         let mut m = Mapped::map_existing(
-            fd.as_fd(),
+            hold.fd(),
             parsed,
             readonly,
             false,
@@ -180,14 +195,7 @@ pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
             },
             &where_,
         )?;
-        m.set_hold(Hold::adopt(NewHold {
-            fd,
-            key: key_of(&st),
-            name: name.to_owned(),
-            persistent,
-            epoch,
-            writable,
-        }));
+        m.set_hold(hold);
         return Ok(m);
     }
     Err(not_found(name))
@@ -396,13 +404,14 @@ pub fn unlink(name: &str) -> Result<()> {
     let fd = match rustix::fs::openat(dir, name, open_flags(true), Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Err(not_found(name)),
-        // Not ours to open for writing: remove it as shm_unlink would (the kernel decides).
-        Err(Errno::ACCESS) => {
-            return rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| {
-                Error::from_errno(&format!("remove shared-memory segment {name:?}"), e)
+        // Not a file zcbuf can open for writing (another user's, a symlink, a directory...):
+        // remove the name as shm_unlink would, and let the kernel decide.
+        Err(_) => {
+            return rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| match e {
+                Errno::NOENT => not_found(name),
+                e => Error::from_errno(&format!("remove shared-memory segment {name:?}"), e),
             });
         }
-        Err(e) => return Err(Error::from_errno(&format!("open {name:?}"), e)),
     };
     let st = rustix::fs::fstat(&fd).map_err(|e| Error::from_errno(&format!("stat {name:?}"), e))?;
     if liveness::remove_name_if(fd.as_fd(), dir, name, key_of(&st))? {

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _dtype
-from ._errors import CorruptError, InvalidArgumentError, NotFoundError, check
+from ._errors import CorruptError, Error, InvalidArgumentError, NotFoundError, check
 from ._native import ffi, lib
 
 __all__ = ["Buffer", "create", "empty", "zeros", "from_array", "open", "open_file", "get"]
@@ -143,6 +143,26 @@ class Buffer:
         self._owned = False
         self._mem = None
         try:
+            # Everything that can fail on what the header says comes first, before anything
+            # refers to the memory: a failure then gives the lease (and, when owned, the id)
+            # back at once, whoever keeps the exception.
+            dt: Optional[np.dtype] = None
+            if dtype_text:
+                dt = _DTYPES.get(dtype_text)
+                if dt is None:
+                    dt = _dtype.decode(dtype_text.decode("ascii", "replace"))
+                    if dt.hasobject or dt.subdtype is not None or dt.itemsize == 0:
+                        raise CorruptError(
+                            f"the stored dtype {dtype_text.decode('ascii', 'replace')!r} cannot "
+                            "describe shared memory (object, sub-array or empty dtype)"
+                        )
+                    if len(_DTYPES) < 4096:
+                        _DTYPES[dtype_text] = dt
+                if dt.itemsize != info.itemsize:
+                    raise CorruptError(
+                        f"stored dtype {dt} has item size {dt.itemsize}, "
+                        f"but the header says {info.itemsize}"
+                    )
             # The lease is released when the last reference to this cdata goes: the Buffer's and
             # those of every array made from it (through ffi.buffer -> memoryview -> ndarray).
             cdata = _gc(ptr, _release(id_))
@@ -155,40 +175,32 @@ class Buffer:
             mem: Any = _ffi_buffer(cdata, n)
             if info.readonly:
                 mem = memoryview(mem).toreadonly()
-            kind = info.kind
-            self._id = id_
-            self._nbytes = n
-            self._kind = _KIND_NAMES.get(kind, "unknown")
-            self._readonly = bool(info.readonly)
-            self._persistent = bool(info.persistent)
-            self._name = name if kind == _SHARED else None
-            self._path = path if kind == _FILE else None
-            dt: Optional[np.dtype] = None
-            if dtype_text:
-                dt = _DTYPES.get(dtype_text)
-                if dt is None:
-                    dt = _dtype.decode(dtype_text.decode("ascii", "replace"))
-                    if len(_DTYPES) < 4096:
-                        _DTYPES[dtype_text] = dt
-                if dt.itemsize != info.itemsize:
-                    raise CorruptError(
-                        f"stored dtype {dt} has item size {dt.itemsize}, "
-                        f"but the header says {info.itemsize}"
-                    )
-                self._dtype: Optional[np.dtype] = dt
-                self._shape: Optional[Tuple[int, ...]] = shape
+            if dt is not None:
                 count = 1
                 for d in shape:
                     count *= d
                 dflt = _frombuffer(mem, dt, count).reshape(shape)
             else:
-                self._dtype = None
-                self._shape = None
                 dflt = _frombuffer(mem, _U8)
-        except BaseException:
-            if owned:  # we were handed ownership of the id: do not leak it
+        except BaseException as e:
+            # Give the lease back now rather than when the traceback is collected.
+            mem = dflt = None
+            ffi.release(cdata)
+            if owned:
                 _free(id_)
+            if isinstance(e, Exception) and not isinstance(e, Error):
+                raise CorruptError(f"buffer {id_} cannot be viewed as its stored type: {e}") from None
             raise
+        kind = info.kind
+        self._id = id_
+        self._nbytes = n
+        self._kind = _KIND_NAMES.get(kind, "unknown")
+        self._readonly = bool(info.readonly)
+        self._persistent = bool(info.persistent)
+        self._name = name if kind == _SHARED else None
+        self._path = path if kind == _FILE else None
+        self._dtype: Optional[np.dtype] = dt
+        self._shape: Optional[Tuple[int, ...]] = shape if dt is not None else None
         # The default array, made once; asarray() hands out views of it (about 0.1 µs).
         self._default: Optional[np.ndarray] = dflt
         self._mem = mem
@@ -480,6 +492,9 @@ def empty(
     """
     shp = _shape_tuple(shape)
     dt = np.dtype(dtype)
+    if dt.subdtype is not None:  # ("f4", (3,)): NumPy flattens a sub-array dtype into the shape
+        dt, sub = dt.subdtype
+        shp = _shape_tuple(shp + tuple(sub))
     text = _dtype.encode(dt)
     nbytes = math.prod(shp) * dt.itemsize
     kind, target = _target(shared, name, path)
