@@ -1,0 +1,198 @@
+"""Regressions found by the adversarial review of kernel-held liveness, each reproduced first."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import zcbuf
+from zcbuf._native import ffi, lib
+from conftest import run_py
+
+PREFIX = f"zcbuf-rv-{os.getpid()}-"
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{name}")
+
+
+def holders_of(name: str):
+    for s in zcbuf.ls():
+        if s.name == name:
+            return set(s.holders)
+    return None
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_an_open_that_fails_after_its_hold_still_lets_the_name_go():
+    """The opener holds for a moment, then its mapping is refused (RLIMIT_AS) while the last real
+    holder leaves: the failed opener must run the close protocol, not leave the name behind."""
+    name = PREFIX + "failopen"
+    buf = zcbuf.create(1 << 36, name=name, reserve=False)  # 64 GiB sparse
+    opener = textwrap.dedent(
+        """
+        import resource, sys, zcbuf
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+        try:
+            zcbuf.open(sys.argv[1])
+        except zcbuf.OutOfMemoryError:
+            print("refused", flush=True)
+        """
+    )
+    # The opener's flock returns 1.5 s late: it holds its shared lock, not yet mapped.
+    o = subprocess.Popen(
+        ["strace", "-qq", "-o", "/dev/null", "-e", "inject=flock:delay_exit=1500000",
+         sys.executable, "-c", opener, name],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and len(holders_of(name) or ()) < 2:
+            time.sleep(0.02)
+        assert len(holders_of(name)) == 2, "the opener never took its hold"
+        buf.free()
+        assert exists(name), "the opener holds it"
+        assert o.communicate(timeout=30)[0].split() == ["refused"]
+        assert not exists(name), "every mapper is gone: the name must be too"
+    finally:
+        o.kill()
+        if exists(name):
+            zcbuf.unlink(name)
+
+
+@pytest.mark.parametrize(
+    "text,itemsize,shape",
+    [(b"|O", 8, (4,)), (b"2<f8", 16, (3,)), (b"[('a', '|O')]", 8, (2,))],
+)
+def test_a_dtype_numpy_cannot_build_is_corrupt_and_leaks_nothing(text, itemsize, shape):
+    """A C producer stores a dtype NumPy parses but cannot make an array of: the opener gets
+    CorruptError and holds nothing, even while it keeps the exception."""
+    name = PREFIX + "dtype"
+    out = ffi.new("uint64_t *")
+    dims = ffi.new("uint64_t[]", list(shape))
+    n = itemsize
+    for d in shape:
+        n *= d
+    assert lib.zcbuf_create_ex(lib.ZCBUF_KIND_SHARED, name.encode(), n, text, itemsize, dims,
+                               len(shape), 0, out) == 0
+    try:
+        code = """
+            import gc, os, sys, zcbuf
+            from zcbuf._native import lib
+            try:
+                zcbuf.open(sys.argv[1])
+            except zcbuf.CorruptError as e:
+                err = e                       # kept, as logging or a retry loop would
+            gc.collect()
+            held = [os.getpid() in s.holders for s in zcbuf.ls() if s.name == sys.argv[1]]
+            maps = sum(sys.argv[1] in line for line in open("/proc/self/maps"))
+            print(type(err).__name__, held, maps)
+        """
+        assert run_py(code, name).split() == ["CorruptError", "[False]", "0"]
+    finally:
+        lib.zcbuf_free(out[0])
+    assert not exists(name)
+
+
+def test_running_out_of_descriptors_is_not_remembered():
+    """EMFILE on the very first zcbuf call (opening /dev/shm itself) must not stick."""
+    code = f"""
+        import os, resource, zcbuf
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fds = []
+        try:
+            while True:
+                fds.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            zcbuf.create(4096, name="{PREFIX}emfile")
+        except zcbuf.OutOfMemoryError as e:
+            assert "RLIMIT_NOFILE" in str(e), e
+            print("refused")
+        for fd in fds:
+            os.close(fd)
+        b = zcbuf.create(4096, name="{PREFIX}emfile")
+        print(zcbuf.open(b.name).nbytes, len([s for s in zcbuf.ls() if s.name == b.name]))
+        b.free()
+    """
+    assert run_py(code).split() == ["refused", "4096", "1"]
+
+
+def test_fork_while_other_threads_open_and_free_never_hangs_the_child():
+    name = PREFIX + "forklock"
+    keep = zcbuf.create(4096, name=name)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            zcbuf.open(name).free()
+
+    threads = [threading.Thread(target=churn, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    hung = 0
+    try:
+        for _ in range(400):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(5)  # a hung child dies of SIGALRM
+                zcbuf.open(name).free()
+                os._exit(0)
+            _, st = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(st):
+                hung += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        keep.free()
+    assert hung == 0, f"{hung} of 400 fork children hung in their first zcbuf call"
+
+
+@pytest.mark.parametrize("bad", ["a\tb", "a\nb", "x\x7f", "line\r"])
+def test_names_with_control_characters_are_refused(bad):
+    with pytest.raises(zcbuf.InvalidArgumentError, match="control character"):
+        zcbuf.create(64, name=bad)
+
+
+def test_unlink_removes_what_was_planted_under_a_name():
+    name = PREFIX + "planted"
+    os.symlink("/nonexistent", f"/dev/shm/{name}")
+    zcbuf.unlink(name)
+    assert not os.path.lexists(f"/dev/shm/{name}")
+    with pytest.raises(zcbuf.NotFoundError):
+        zcbuf.unlink(name)
+
+
+def test_ls_never_takes_the_exclusive_lock():
+    """ls must not make a concurrent last holder leave its name behind: it reads /proc/locks."""
+    name = PREFIX + "lsrace"
+    stop = threading.Event()
+
+    def lister():
+        while not stop.is_set():
+            zcbuf.ls()
+
+    t = threading.Thread(target=lister, daemon=True)
+    t.start()
+    left = 0
+    try:
+        for i in range(300):
+            n = f"{name}-{i}"
+            # create + free in this process, racing the lister
+            b = zcbuf.create(4096, name=n)
+            b.free()
+            if exists(n):
+                left += 1
+                zcbuf.unlink(n)
+    finally:
+        stop.set()
+        t.join()
+    assert left == 0, f"{left} of 300 names outlived their last holder while ls ran"
