@@ -156,15 +156,49 @@ pub fn holder_pids(key: FileKey) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// Every `flock` in `/proc/locks`, by file; `None` when `/proc/locks` cannot be read.
+/// True when `/proc/locks` shows a remover (an exclusive `flock`) on file `key`; `None` when
+/// `/proc/locks` cannot be read.
+pub(crate) fn remover_at_work(key: FileKey) -> Option<bool> {
+    Some(flock_table(true)?.contains_key(&key))
+}
+
+/// Every holder (shared `flock`) in `/proc/locks`, by file; `None` when it cannot be read.
+/// (Exclusive `flock`s are removers at work, not holders.)
 pub(crate) fn holder_table() -> Option<HashMap<FileKey, Vec<i32>>> {
+    flock_table(false)
+}
+
+/// `/proc/locks`, read so that no entry is missed. The kernel lists it a page per `read`, and
+/// each `read` resumes by position, so a lock that goes away between two reads can make the
+/// next read skip another, live one. Each read is one large `read` call (so a listing of less
+/// than a page is one consistent snapshot); the listing is read until two agree, or three times
+/// and united (a holder that just left may then be listed; one that holds is never missed
+/// unless locks churn in all three).
+fn read_proc_locks() -> Option<String> {
+    let once = || -> Option<String> {
+        use std::io::Read;
+        let mut f = std::fs::File::open("/proc/locks").ok()?;
+        let mut buf = Vec::with_capacity(1 << 16);
+        f.read_to_end(&mut buf).ok()?;
+        String::from_utf8(buf).ok()
+    };
+    let a = once()?;
+    let b = once()?;
+    if a == b {
+        return Some(a);
+    }
+    let c = once()?;
+    Some(a + &b + &c)
+}
+
+fn flock_table(exclusive: bool) -> Option<HashMap<FileKey, Vec<i32>>> {
     let mut out: HashMap<FileKey, Vec<i32>> = HashMap::new();
-    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    let text = read_proc_locks()?;
     for line in text.lines() {
         // "12: FLOCK  ADVISORY  READ  1234 00:1b:8 0 EOF"; blocked waiters have "->" and are
         // not holders.
         let f: Vec<&str> = line.split_ascii_whitespace().collect();
-        if f.len() < 6 || f[1] != "FLOCK" {
+        if f.len() < 6 || f[1] != "FLOCK" || (f[3] == "WRITE") != exclusive {
             continue;
         }
         let Ok(pid) = f[4].parse::<i32>() else {
@@ -182,7 +216,10 @@ pub(crate) fn holder_table() -> Option<HashMap<FileKey, Vec<i32>>> {
             continue;
         };
         let key = (rustix::fs::makedev(maj, min), ino);
-        out.entry(key).or_default().push(pid);
+        let pids = out.entry(key).or_default();
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
     }
     Some(out)
 }

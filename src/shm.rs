@@ -363,10 +363,31 @@ fn replace_unheld(dir: BorrowedFd<'_>, name: &str) -> Result<()> {
             "is persistent (created with persist=True; remove it with zcbuf.unlink first)".into(),
         );
     }
-    if !liveness::try_exclusive(fd.as_fd())? {
-        return exists(held_by(key_of(&st)));
+    // A remover (gc, a closer, another create) may hold the exclusive lock for a moment: wait
+    // for it (it removes the name, and our link then succeeds); holders make us give up.
+    let key = key_of(&st);
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_micros(20);
+    while !liveness::try_exclusive(fd.as_fd())? {
+        let removing = liveness::remover_at_work(key);
+        let still_named = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|s| key_of(&s) == key);
+        if !still_named {
+            return Ok(()); // removed meanwhile: retry the link
+        }
+        // With /proc/locks, only a remover is worth waiting for; without, wait a little.
+        let bound = match removing {
+            Some(true) => liveness::LOCK_WAIT,
+            Some(false) => std::time::Duration::ZERO,
+            None => std::time::Duration::from_millis(50),
+        };
+        if start.elapsed() >= bound {
+            return exists(held_by(key));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(10));
     }
-    liveness::remove_name_if(fd.as_fd(), dir, name, key_of(&st))?;
+    liveness::remove_name_if(fd.as_fd(), dir, name, key)?;
     Ok(())
 }
 

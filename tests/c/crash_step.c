@@ -11,6 +11,11 @@
  *   crash_step hold NAME            same as open_wait_free (a holder that waits on stdin)
  *   crash_step leave NAME           create NAME, write the pattern, then SIGKILL itself: leaves a
  *                                   complete segment that no process holds
+ *   crash_step hold_new NAME        create NAME, write the pattern, print "ready", wait for a line
+ *                                   (or EOF) on stdin, free (SIGKILL it to leave a segment behind)
+ *   crash_step create_on_cue NAME   print "ready", wait for a line (or EOF) on stdin, then do what
+ *                                   create does (lets a test make the leftover it replaces
+ *                                   unheld just before, leaving another process's gc no time)
  *
  * The zcbuf calls of each mode are bracketed by two getppid() calls, which zcbuf never makes, so
  * a trace of a dry run shows which occurrences of each system call belong to the step.
@@ -106,7 +111,7 @@ static uint64_t open_checked(const char *name) {
 
 int main(int argc, char **argv) {
     if (argc != 3) {
-        fprintf(stderr, "usage: crash_step create|open_free|open_wait_free|hold|leave NAME\n");
+        fprintf(stderr, "usage: crash_step MODE NAME (modes: see the top of crash_step.c)\n");
         return 1;
     }
     const char *mode = argv[1], *name = argv[2];
@@ -127,6 +132,18 @@ int main(int argc, char **argv) {
         wait_stdin();
         CALL(zcbuf_free(id));
         marker();
+    } else if (strcmp(mode, "create_on_cue") == 0) {
+        say_ready();
+        wait_stdin();
+        marker();
+        uint64_t id = create_filled(name);
+        CALL(zcbuf_free(id));
+        marker();
+    } else if (strcmp(mode, "hold_new") == 0) {
+        uint64_t id = create_filled(name);
+        say_ready();
+        wait_stdin();
+        CALL(zcbuf_free(id));
     } else if (strcmp(mode, "leave") == 0) {
         (void)create_filled(name);
         raise(SIGKILL);
