@@ -291,27 +291,32 @@ pub unsafe extern "C" fn zcbuf_open_shared_acquire(
         }
         // SAFETY: NULL-checked inside; NUL-terminated by the caller's contract.
         let name = unsafe { c_str(name, "name") }?;
-        let id = reg().open_shared(name, flags & ZCBUF_READ_ONLY != 0)?;
-        let (p, n, i) = match reg().acquire_info(id) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = reg().free(id);
-                return Err(e);
-            }
+        let (id, m) = reg().open_shared_leased(name, flags & ZCBUF_READ_ONLY != 0)?;
+        let meta = m.meta();
+        let info = ZcbufInfo {
+            kind: ZCBUF_KIND_SHARED,
+            readonly: u32::from(m.readonly()),
+            len: m.len(),
+            itemsize: meta.itemsize,
+            ndim: meta.shape.len() as u32,
+            dtype_len: meta.dtype.len() as u32,
+            leases: 1,
+            persistent: u32::from(m.persistent()),
         };
         // SAFETY: `out` is non-NULL and valid for a write by the caller's contract; every field
         // is written through raw pointers into it, the arrays within their bounds (the dtype
-        // is at most DTYPE_CAP = 512 bytes plus the NUL, the shape at most MAX_NDIM = 64).
+        // is at most DTYPE_CAP = 512 bytes plus the NUL, the shape at most MAX_NDIM = 64). The
+        // data address stays valid: the registry entry holds the mapping and one lease.
         unsafe {
             let o = &raw mut *out;
             (&raw mut (*o).id).write(id);
-            (&raw mut (*o).ptr).write(p.as_ptr());
-            (&raw mut (*o).len).write(n);
-            (&raw mut (*o).info).write(info_of(&i));
+            (&raw mut (*o).ptr).write(m.data_ptr().as_ptr());
+            (&raw mut (*o).len).write(m.len());
+            (&raw mut (*o).info).write(info);
             let d = &raw mut (*o).dtype;
-            copy_out(i.meta.dtype.as_bytes(), d.cast::<c_char>(), 513);
+            copy_out(meta.dtype.as_bytes(), d.cast::<c_char>(), 513);
             let sh = (&raw mut (*o).shape).cast::<u64>();
-            std::ptr::copy_nonoverlapping(i.meta.shape.as_ptr(), sh, i.meta.shape.len().min(64));
+            std::ptr::copy_nonoverlapping(meta.shape.as_ptr(), sh, meta.shape.len().min(64));
         }
         Ok(())
     })

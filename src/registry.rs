@@ -27,7 +27,8 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::header::Meta;
-use crate::mapping::{CreateOptions, Kind, Mapped};
+pub(crate) use crate::mapping::Mapped;
+use crate::mapping::{CreateOptions, Kind};
 
 /// Number of independently locked shards.
 pub const SHARDS: usize = 64;
@@ -169,17 +170,34 @@ impl Registry {
     }
 
     fn insert(&self, mapped: Mapped) -> u64 {
+        self.insert_leased(mapped, 0).0
+    }
+
+    /// Inserts with `leases` leases already taken; returns the id and the mapping.
+    fn insert_leased(&self, mapped: Mapped, leases: u64) -> (u64, Arc<Mapped>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mapped = Arc::new(mapped);
         let entry = Entry {
             addr: mapped.data_ptr().as_ptr() as usize,
             len: mapped.len(),
             readonly: mapped.readonly(),
-            mapped: Arc::new(mapped),
-            leases: 0,
+            mapped: Arc::clone(&mapped),
+            leases,
             retired: false,
         };
         self.shard(id).insert(id, entry);
-        id
+        (id, mapped)
+    }
+
+    /// Opens a shared buffer by name with one lease already taken (what the one-call open of
+    /// the C ABI and Python uses): returns the id and its mapping, to be described without
+    /// copying. The caller owns the id and the lease.
+    pub(crate) fn open_shared_leased(
+        &self,
+        name: &str,
+        readonly: bool,
+    ) -> Result<(u64, Arc<Mapped>)> {
+        Ok(self.insert_leased(crate::shm::open(name, readonly)?, 1))
     }
 
     /// Creates a private (anonymous) buffer of `len` bytes, zero-filled.

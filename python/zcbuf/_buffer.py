@@ -38,6 +38,8 @@ _frombuffer = np.frombuffer
 _unpack = ffi.unpack
 _string = ffi.string
 _open_acquire = lib.zcbuf_open_shared_acquire
+_OPENED_T = ffi.typeof("zcbuf_opened_t *")
+_new_object = object.__new__
 _READ_ONLY = lib.ZCBUF_READ_ONLY
 _U8 = np.dtype(np.uint8)
 # Parsed header dtypes by their text: opening the same kind of buffer again skips the parse.
@@ -545,20 +547,43 @@ def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the co
 
     >>> frames = zcbuf.open("camera-0", readonly=True).asarray()   # in a worker process
     """
-    if not isinstance(name, str):
+    if type(name) is not str and not isinstance(name, str):
         raise TypeError(f"name must be a str, not {type(name).__name__}")
-    out = _new("zcbuf_opened_t *")
-    status = _open_acquire(name.encode("utf-8"), _READ_ONLY if readonly else 0, out)
+    out = _new(_OPENED_T)
+    status = _open_acquire(name.encode(), _READ_ONLY if readonly else 0, out)
     if status:
         check(status)
     info = out.info
-    shape: Tuple[int, ...] = ()
-    text = b""
-    if info.dtype_len:
-        text = _string(out.dtype)
-        shape = tuple(_unpack(out.shape, info.ndim))
-    b = Buffer.__new__(Buffer)
-    b._setup(out.id, out.ptr, out.len, info, text, shape, name, None, True)
+    if info.dtype_len or info.readonly:
+        # The general path: typed (dtype parse, checks) or read-only.
+        text = _string(out.dtype) if info.dtype_len else b""
+        shape = tuple(_unpack(out.shape, info.ndim)) if info.dtype_len else ()
+        b = _new_object(Buffer)
+        b._setup(out.id, out.ptr, out.len, info, text, shape, name, None, True)
+        return b
+    # Raw bytes, read-write: the same as _setup, with nothing to check (about 1 µs less).
+    id_ = out.id
+    n = out.len
+    b = _new_object(Buffer)
+    b._owned = False
+    b._mem = None
+    try:
+        mem = _ffi_buffer(_gc(out.ptr, _release(id_)), n)
+        b._default = _frombuffer(mem, _U8)
+    except BaseException:  # (MemoryError): the cdata's collection gives the lease back
+        _free(id_)
+        raise
+    b._id = id_
+    b._nbytes = n
+    b._kind = "shared"
+    b._readonly = False
+    b._persistent = bool(info.persistent)
+    b._name = name
+    b._path = None
+    b._dtype = None
+    b._shape = None
+    b._mem = mem
+    b._owned = True
     return b
 
 
