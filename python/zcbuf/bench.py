@@ -286,18 +286,29 @@ def suite_interproc(sizes: Sequence[int], reps: int, prog: Progress, peers: Sequ
         for n in sizes:
             data = np.full(n, 3, np.uint8)
             expect = int(np.add.reduce(data.view(np.uint64), dtype=np.uint64)) if n % 8 == 0 else int(data.sum())
+            # Attach: every method's segment exists at once, and the methods take turns in
+            # rounds, so that drift and noise hit them alike; hundreds of samples each.
+            made = [(m, *_produce(m, data)) for m in methods if m != "pickle"]
+            try:
+                samples_of: Dict[str, List[float]] = {}
+                for _ in range(ATTACH_ROUNDS):
+                    for method, name, _cleanup, attach_ok in made:
+                        if attach_ok:
+                            parent.send(("attach", method, name, n, reps * 20))
+                            samples_of.setdefault(method, []).extend(parent.recv())
+                for method, samples in samples_of.items():
+                    q = statistics.quantiles(samples, n=4)
+                    rows.append(
+                        Row("interproc", f"attach: {method}", n, statistics.median(samples), q[0], q[2], len(samples))
+                    )
+            finally:
+                for _m, _name, cleanup, _ok in made:
+                    cleanup()
             for method in methods:
                 if method == "pickle" and n > 1 * GiB:
                     continue
                 name, cleanup, attach_ok = _produce(method, data)
                 try:
-                    if attach_ok:
-                        parent.send(("attach", method, name, n, reps * 3))
-                        samples = parent.recv()
-                        q = statistics.quantiles(samples, n=4)
-                        rows.append(
-                            Row("interproc", f"attach: {method}", n, statistics.median(samples), q[0], q[2], len(samples))
-                        )
                     hand = []
                     reduce_t = []
                     for _ in range(max(3, reps // 2) if n >= 256 * MiB else reps):
@@ -399,6 +410,9 @@ def suite_ray(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
     finally:
         ray.shutdown()
     return rows
+
+
+ATTACH_ROUNDS = 5
 
 
 def _produce(method: str, data: np.ndarray) -> Tuple[str, Callable[[], None], bool]:
@@ -585,17 +599,21 @@ def targets(rows: List[Row]) -> List[str]:
             )
     big = max((r.size for r in rows if r.suite == "interproc"), default=0)
     if big:
-        ratios = []
+        ratios, strict = [], []
         for s in sorted({r.size for r in rows if r.suite == "interproc"}):
             za, sa = _by(rows, "interproc", "attach: zcbuf", s), _by(rows, "interproc", "attach: shared_memory", s)
             if za and sa:
                 ratios.append((s, za.median_s / sa.median_s))
+                # shared_memory is bimodal (its resource tracker's pipe): also against its
+                # lower quartile, i.e. its fast mode, the conservative comparison
+                strict.append(za.median_s / sa.p25_s)
         if ratios:
             rs = sorted(r for _, r in ratios)
             per = ", ".join(f"{fmt_size(s)} {r:.2f}x" for s, r in ratios)
             lines.append(
                 f"- attach, zcbuf / shared_memory over all sizes: median {statistics.median(rs):.2f}x, "
-                f"worst {rs[-1]:.2f}x ({per}; target <= 0.8x)"
+                f"worst {rs[-1]:.2f}x ({per}; target <= 0.8x); against shared_memory's lower "
+                f"quartile: median {statistics.median(strict):.2f}x, worst {max(strict):.2f}x"
             )
         zs = [r for r in rows if r.method == "attach: zcbuf"]
         if len(zs) > 1:
