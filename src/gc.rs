@@ -103,6 +103,7 @@ fn info(name: &str, p: Parsed, held: bool, pids: &[i32]) -> SegmentInfo {
 /// (valid or not, e.g. of another version), and `zcbuf-` files whose header is unusable.
 pub fn list() -> Result<Vec<SegmentInfo>> {
     let dir = shm_dir()?;
+    liveness::recheck_left_held(true);
     let locks = liveness::holder_table();
     let mut out = Vec::new();
     for name in names()? {
@@ -146,6 +147,13 @@ pub fn list() -> Result<Vec<SegmentInfo>> {
 pub fn gc() -> Result<Vec<Removed>> {
     let dir = shm_dir()?;
     let mut removed = Vec::new();
+    for name in liveness::recheck_left_held(true) {
+        removed.push(Removed {
+            name,
+            len: 0,
+            reason: "this process left it while others held it, and they have all gone".into(),
+        });
+    }
     for name in names()? {
         let Some((fd, st)) = open(dir, &name) else {
             continue;

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Once, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -236,13 +236,16 @@ thread_local! {
 }
 
 /// `pthread_atfork` prepare handler: counts the fork, and takes every zcbuf lock (the hold map,
-/// then the global registry's shards) so that the child starts with none of them held by a
+/// the left-held list, then the global registry's shards) so that the child starts with none of them held by a
 /// thread that does not exist there. No zcbuf code takes these in another order, and none
 /// waits for anything while holding them.
 extern "C" fn before_fork() {
     FORKS.fetch_add(1, Ordering::SeqCst);
     let mut guards: Vec<Box<dyn std::any::Any>> = Vec::with_capacity(1 + crate::registry::SHARDS);
     guards.push(Box::new(held()));
+    guards.push(Box::new(
+        LEFT_HELD.lock().unwrap_or_else(|p| p.into_inner()),
+    ));
     guards.extend(crate::registry::Registry::global().lock_all());
     let _ = FORK_GUARDS.try_with(|g| {
         if let Ok(mut g) = g.try_borrow_mut() {
@@ -326,6 +329,110 @@ pub(crate) fn remove_name_if(
         Err(e) => Err(Error::from_errno(&format!("remove {name:?}"), e)),
     }
     // The name lock is released when the caller closes `fd`.
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segments this process left while others held them
+
+/// The segments this process stopped holding while other processes still held them: if all of
+/// those exit without unmapping cleanly (killed, or `os._exit`, which is how `multiprocessing`
+/// fork workers end, or sharing this process's open file after a `fork`), nobody is left to
+/// remove the name. This process looks again later: at most every [`RECHECK_EVERY`] on its
+/// zcbuf calls, on every `ls` and `gc`, and when it exits (`exit`, not `_exit`), and removes
+/// each one that nobody holds any more. Bounded: the oldest are forgotten past
+/// [`LEFT_HELD_CAP`] (`gc` still finds them).
+static LEFT_HELD: Mutex<Vec<(String, FileKey)>> = Mutex::new(Vec::new());
+static HAS_LEFT_HELD: AtomicBool = AtomicBool::new(false);
+static LAST_RECHECK_MS: AtomicU64 = AtomicU64::new(0);
+/// How often zcbuf calls look again at [`LEFT_HELD`] segments, at most.
+pub const RECHECK_EVERY: Duration = Duration::from_millis(100);
+/// How many left-held segments a process remembers.
+pub const LEFT_HELD_CAP: usize = 256;
+
+fn note_left_held(name: &str, key: FileKey) {
+    let mut v = LEFT_HELD.lock().unwrap_or_else(|p| p.into_inner());
+    if v.iter().any(|(_, k)| *k == key) {
+        return;
+    }
+    if v.len() >= LEFT_HELD_CAP {
+        v.remove(0);
+    }
+    v.push((name.to_owned(), key));
+    HAS_LEFT_HELD.store(true, Ordering::Release);
+    register_exit_recheck();
+}
+
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Looks again at the segments this process left while others held them (see [`LEFT_HELD`]),
+/// removing each that nobody holds now; `force` ignores the rate limit. Returns the names
+/// removed.
+pub(crate) fn recheck_left_held(force: bool) -> Vec<String> {
+    if !HAS_LEFT_HELD.load(Ordering::Acquire) {
+        return Vec::new();
+    }
+    let now = now_ms();
+    let last = LAST_RECHECK_MS.load(Ordering::Relaxed);
+    if !force && now.saturating_sub(last) < RECHECK_EVERY.as_millis() as u64 {
+        return Vec::new();
+    }
+    LAST_RECHECK_MS.store(now, Ordering::Relaxed);
+    let list = std::mem::take(&mut *LEFT_HELD.lock().unwrap_or_else(|p| p.into_inner()));
+    let Ok(dir) = shm_dir() else {
+        return Vec::new();
+    };
+    let mut keep = Vec::new();
+    let mut removed = Vec::new();
+    for (name, key) in list {
+        let Ok(fd) = rustix::fs::openat(
+            dir,
+            name.as_str(),
+            rustix::fs::OFlags::RDWR
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::NONBLOCK
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) else {
+            continue; // gone (or not ours to judge any more)
+        };
+        if !rustix::fs::fstat(&fd).is_ok_and(|st| key_of(&st) == key) {
+            continue; // the name names another segment now
+        }
+        match try_exclusive(fd.as_fd()) {
+            Ok(true) => {
+                if let Ok(true) = remove_name_if(fd.as_fd(), dir, &name, key) {
+                    removed.push(name);
+                }
+            }
+            Ok(false) => keep.push((name, key)),
+            Err(_) => {}
+        }
+    }
+    let mut v = LEFT_HELD.lock().unwrap_or_else(|p| p.into_inner());
+    for k in keep {
+        if v.len() < LEFT_HELD_CAP && !v.iter().any(|(_, key)| *key == k.1) {
+            v.push(k);
+        }
+    }
+    HAS_LEFT_HELD.store(!v.is_empty(), Ordering::Release);
+    removed
+}
+
+extern "C" fn recheck_at_exit() {
+    // Never unwind out of an exit handler.
+    let _ = std::panic::catch_unwind(|| recheck_left_held(true));
+}
+
+fn register_exit_recheck() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: `recheck_at_exit` is a plain function that lives as long as the library and
+        // catches every panic; `atexit` only records it.
+        unsafe { libc::atexit(recheck_at_exit) };
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,6 +534,7 @@ impl Hold {
             // converting our shared lock to exclusive succeeds exactly when no other process
             // holds the segment. (A failed conversion drops our lock: we are leaving anyway.)
             if !try_exclusive(fd.as_fd())? {
+                note_left_held(&self.name, self.key);
                 return Ok(false);
             }
             fd
@@ -448,7 +556,11 @@ impl Hold {
             };
             let st = rustix::fs::fstat(&fresh)
                 .map_err(|e| Error::from_errno(&format!("stat {:?}", self.name), e))?;
-            if key_of(&st) != self.key || !try_exclusive(fresh.as_fd())? {
+            if key_of(&st) != self.key {
+                return Ok(false);
+            }
+            if !try_exclusive(fresh.as_fd())? {
+                note_left_held(&self.name, self.key);
                 return Ok(false);
             }
             fresh

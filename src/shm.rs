@@ -160,6 +160,7 @@ fn check_regular(st: &rustix::fs::Stat, name: &str) -> Result<()> {
 /// otherwise the name is ours to rely on: no remover can take the exclusive lock while we hold.
 pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
     check_name(name)?;
+    liveness::recheck_left_held(false);
     let dir = shm_dir()?;
     let where_ = Seg(name);
     for _ in 0..OPEN_RETRIES {
@@ -246,6 +247,7 @@ pub(crate) fn unnamed_file(dir: BorrowedFd<'_>, where_: &str) -> Result<OwnedFd>
 /// says which. Last, the segment is opened again by its name and mapped through that open file
 /// (so `/proc/PID/maps`, `lsof` and `fuser` show the name, not an unnamed file).
 pub(crate) fn create(name: Option<&str>, len: usize, opts: &CreateOptions) -> Result<Mapped> {
+    liveness::recheck_left_held(false);
     let name = match name {
         Some(n) => {
             check_name(n)?;

@@ -196,3 +196,60 @@ def test_ls_never_takes_the_exclusive_lock():
         stop.set()
         t.join()
     assert left == 0, f"{left} of 300 names outlived their last holder while ls ran"
+
+
+def _wait_then_exit(ev):
+    ev.wait(30)
+
+
+@pytest.mark.parametrize("method", ["fork", "pool"])
+def test_fork_workers_that_exit_without_cleanup_do_not_leak_the_name(method):
+    """multiprocessing fork workers end with os._exit: the last of them to hold a segment (the
+    parent freed first) cannot remove its name. The parent, which left it while they held it,
+    removes it on its next look (ls, gc, a create or open after 100 ms, or its exit)."""
+    import multiprocessing as mp
+
+    name = PREFIX + "forkexit-" + method
+    buf = zcbuf.create(4096, name=name)
+    ctx = mp.get_context("fork")
+    if method == "fork":
+        ev = ctx.Event()
+        p = ctx.Process(target=_wait_then_exit, args=(ev,))
+        p.start()
+        buf.free()
+        del buf
+        assert exists(name), "the child maps it (inherited)"
+        ev.set()
+        p.join(30)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+            assert list(pool.map(abs, [-1, -2])) == [1, 2]
+            buf.free()
+            del buf
+            assert exists(name)
+    assert name not in [s.name for s in zcbuf.ls()], "ls looks again and removes it"
+    assert not exists(name)
+
+
+def test_a_parent_that_exits_normally_removes_what_its_fork_workers_left(tmp_path):
+    code = f"""
+        import multiprocessing as mp, zcbuf
+        def child(ev):
+            ev.wait(30)
+        if __name__ == "__main__":
+            b = zcbuf.create(4096, name="{PREFIX}exit")
+            ev = mp.get_context("fork").Event()
+            p = mp.get_context("fork").Process(target=child, args=(ev,))
+            p.start()
+            b.free()
+            ev.set()
+            p.join()
+            print("joined")
+    """
+    path = tmp_path / "parent.py"
+    path.write_text(textwrap.dedent(code))
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["joined"], out.stderr
+    assert not exists(PREFIX + "exit"), "the parent's exit looks again and removes it"
