@@ -612,7 +612,8 @@ def targets(rows: List[Row]) -> List[str]:
             per = ", ".join(f"{fmt_size(s)} {r:.2f}x" for s, r in ratios)
             lines.append(
                 f"- attach, zcbuf / shared_memory over all sizes: median {statistics.median(rs):.2f}x, "
-                f"worst {rs[-1]:.2f}x ({per}; target <= 0.8x); against shared_memory's lower "
+                f"worst {rs[-1]:.2f}x ({per}; target <= 0.8x: "
+                f"{'met' if statistics.median(rs) <= 0.8 else 'MISSED'}); against shared_memory's lower "
                 f"quartile: median {statistics.median(strict):.2f}x, worst {max(strict):.2f}x"
             )
         zs = [r for r in rows if r.method == "attach: zcbuf"]
