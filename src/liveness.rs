@@ -344,7 +344,7 @@ pub(crate) fn remove_name_if(
 static LEFT_HELD: Mutex<Vec<(String, FileKey)>> = Mutex::new(Vec::new());
 static HAS_LEFT_HELD: AtomicBool = AtomicBool::new(false);
 static LAST_RECHECK_MS: AtomicU64 = AtomicU64::new(0);
-/// How often zcbuf calls look again at [`LEFT_HELD`] segments, at most.
+/// How often zcbuf calls look again at segments this process left while others held them, at most.
 pub const RECHECK_EVERY: Duration = Duration::from_millis(100);
 /// How many left-held segments a process remembers.
 pub const LEFT_HELD_CAP: usize = 256;
