@@ -162,6 +162,13 @@ pub(crate) fn remover_at_work(key: FileKey) -> Option<bool> {
     Some(flock_table(true)?.contains_key(&key))
 }
 
+/// The pids holding an exclusive `flock` on file `key`, as `/proc/locks` names them.
+pub(crate) fn exclusive_pids(key: FileKey) -> Vec<i32> {
+    flock_table(true)
+        .and_then(|mut t| t.remove(&key))
+        .unwrap_or_default()
+}
+
 /// Every holder (shared `flock`) in `/proc/locks`, by file; `None` when it cannot be read.
 /// (Exclusive `flock`s are removers at work, not holders.)
 pub(crate) fn holder_table() -> Option<HashMap<FileKey, Vec<i32>>> {
@@ -308,6 +315,20 @@ pub(crate) fn shm_dir() -> Result<BorrowedFd<'static>> {
     Ok(DIR.get_or_init(|| fd).as_fd())
 }
 
+/// [`remove_name_if`] without waiting for the name lock: `Ok(None)` when another open file holds
+/// it.
+pub(crate) fn try_remove_name_if(
+    fd: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &str,
+    key: FileKey,
+) -> Result<Option<bool>> {
+    if !ofd_lock(fd, NAME_BYTE, libc::F_WRLCK as i16)? {
+        return Ok(None);
+    }
+    unlink_if_named(dir, name, key).map(Some)
+}
+
 /// Removes `name` from `dir` if it still names file `key`, under the name lock taken through
 /// `fd` (an open file of `key`). Returns whether it removed it. The caller has decided the
 /// segment may go (or is `unlink`, which removes held segments too).
@@ -318,6 +339,12 @@ pub(crate) fn remove_name_if(
     key: FileKey,
 ) -> Result<bool> {
     lock_name(fd, &format_args!("{name:?}"))?;
+    unlink_if_named(dir, name, key)
+    // The name lock is released when the caller closes `fd`.
+}
+
+/// The last step of a removal, under the name lock: unlink `name` if it names file `key`.
+fn unlink_if_named(dir: BorrowedFd<'_>, name: &str, key: FileKey) -> Result<bool> {
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) if key_of(&st) == key => {}
         Ok(_) | Err(Errno::NOENT) => return Ok(false),
@@ -328,7 +355,6 @@ pub(crate) fn remove_name_if(
         Err(Errno::NOENT) => Ok(false),
         Err(e) => Err(Error::from_errno(&format!("remove {name:?}"), e)),
     }
-    // The name lock is released when the caller closes `fd`.
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,9 +373,12 @@ static LAST_RECHECK_MS: AtomicU64 = AtomicU64::new(0);
 /// How often zcbuf calls look again at segments this process left while others held them, at most.
 pub const RECHECK_EVERY: Duration = Duration::from_millis(100);
 /// How many left-held segments a process remembers.
-pub const LEFT_HELD_CAP: usize = 256;
+pub const LEFT_HELD_CAP: usize = 4096;
 
 fn note_left_held(name: &str, key: FileKey) {
+    if held().get(&key).is_some_and(|w| w.strong_count() > 0) {
+        return; // this process holds it again: its own last unmap will look
+    }
     let mut v = LEFT_HELD.lock().unwrap_or_else(|p| p.into_inner());
     if v.iter().any(|(_, k)| *k == key) {
         return;
@@ -380,14 +409,22 @@ pub(crate) fn recheck_left_held(force: bool) -> Vec<String> {
         return Vec::new();
     }
     LAST_RECHECK_MS.store(now, Ordering::Relaxed);
-    let list = std::mem::take(&mut *LEFT_HELD.lock().unwrap_or_else(|p| p.into_inner()));
+    // On the hot paths (open, create) look at a few entries per turn; ls, gc and exit look at
+    // all. Never wait: a busy lock keeps the entry for the next turn.
+    let mut list = std::mem::take(&mut *LEFT_HELD.lock().unwrap_or_else(|p| p.into_inner()));
+    let rest = if force || list.len() <= RECHECK_BATCH {
+        Vec::new()
+    } else {
+        list.split_off(RECHECK_BATCH)
+    };
     let Ok(dir) = shm_dir() else {
+        restore_left_held(list.into_iter().chain(rest));
         return Vec::new();
     };
     let mut keep = Vec::new();
     let mut removed = Vec::new();
     for (name, key) in list {
-        let Ok(fd) = rustix::fs::openat(
+        let fd = match rustix::fs::openat(
             dir,
             name.as_str(),
             rustix::fs::OFlags::RDWR
@@ -395,30 +432,51 @@ pub(crate) fn recheck_left_held(force: bool) -> Vec<String> {
                 | rustix::fs::OFlags::NONBLOCK
                 | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
-        ) else {
-            continue; // gone (or not ours to judge any more)
+        ) {
+            Ok(fd) => fd,
+            // Gone, or no longer a file we may judge: forget it.
+            Err(Errno::NOENT) | Err(Errno::LOOP) | Err(Errno::ACCESS) | Err(Errno::ISDIR) => {
+                continue;
+            }
+            // Out of descriptors or memory, say: look again next time.
+            Err(_) => {
+                keep.push((name, key));
+                continue;
+            }
         };
-        if !rustix::fs::fstat(&fd).is_ok_and(|st| key_of(&st) == key) {
-            continue; // the name names another segment now
+        match rustix::fs::fstat(&fd) {
+            Ok(st) if key_of(&st) != key => continue, // the name names another segment now
+            Ok(_) => {}
+            Err(_) => {
+                keep.push((name, key));
+                continue;
+            }
         }
         match try_exclusive(fd.as_fd()) {
-            Ok(true) => {
-                if let Ok(true) = remove_name_if(fd.as_fd(), dir, &name, key) {
-                    removed.push(name);
-                }
-            }
-            Ok(false) => keep.push((name, key)),
-            Err(_) => {}
+            Ok(true) => match try_remove_name_if(fd.as_fd(), dir, &name, key) {
+                Ok(Some(true)) => removed.push(name),
+                Ok(Some(false)) => {} // the name names another segment now
+                Ok(None) | Err(_) => keep.push((name, key)), // name lock busy: next time
+            },
+            Ok(false) | Err(_) => keep.push((name, key)),
         }
     }
+    // Rotate: what was not looked at this turn comes first next turn.
+    restore_left_held(rest.into_iter().chain(keep));
+    removed
+}
+
+/// How many left-held entries a rate-limited look (on open and create) examines.
+const RECHECK_BATCH: usize = 8;
+
+fn restore_left_held(entries: impl Iterator<Item = (String, FileKey)>) {
     let mut v = LEFT_HELD.lock().unwrap_or_else(|p| p.into_inner());
-    for k in keep {
+    for k in entries {
         if v.len() < LEFT_HELD_CAP && !v.iter().any(|(_, key)| *key == k.1) {
             v.push(k);
         }
     }
     HAS_LEFT_HELD.store(!v.is_empty(), Ordering::Release);
-    removed
 }
 
 extern "C" fn recheck_at_exit() {
@@ -485,15 +543,19 @@ impl Hold {
     pub(crate) fn adopt(h: NewHold) -> Arc<Hold> {
         let pid = std::process::id();
         let mut map = held();
-        if let Some(existing) = map.get(&h.key).and_then(Weak::upgrade) {
+        // `existing` is dropped only after the map's lock (below): it may be the last strong
+        // reference (another thread unmapping meanwhile), and `Hold::drop` takes that lock.
+        let existing = map.get(&h.key).and_then(Weak::upgrade);
+        if let Some(e) = &existing {
             // Reuse it unless a fork happened since it was taken: then its open file (and lock)
             // may be shared with another process, and this process is better served by a lock
             // of its own (which /proc/locks also shows under its own pid). The older hold stays
             // alive as long as mappings made through it do.
-            if existing.epoch == h.epoch && existing.pid == pid {
+            if e.epoch == h.epoch && e.pid == pid {
+                drop(map);
                 // Only this call has `h.fd`'s open file, so this unlocks nobody else's lock.
                 let _ = retry_eintr(|| rustix::fs::flock(&h.fd, FlockOperation::Unlock));
-                return existing;
+                return existing.expect("checked above");
             }
         }
         let hold = Arc::new(Hold {
@@ -506,6 +568,8 @@ impl Hold {
             writable: h.writable,
         });
         map.insert(h.key, Arc::downgrade(&hold));
+        drop(map);
+        drop(existing);
         hold
     }
 

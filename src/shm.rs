@@ -410,7 +410,18 @@ pub(crate) fn held_by(key: FileKey) -> String {
         .filter(|p| *p > 0)
         .map(|p| p.to_string())
         .collect();
-    if pids.is_empty() {
+    let exclusive: Vec<String> = liveness::exclusive_pids(key)
+        .into_iter()
+        .filter(|p| *p > 0)
+        .map(|p| p.to_string())
+        .collect();
+    if pids.is_empty() && !exclusive.is_empty() {
+        format!(
+            "is locked exclusively by process(es) {} for too long (zcbuf's removers take \
+             microseconds: a stuck or hostile process; see docs/security.md)",
+            exclusive.join(", ")
+        )
+    } else if pids.is_empty() {
         "is held by a live process (one this pid namespace cannot see, or /proc/locks is \
          unreadable)"
             .into()

@@ -253,3 +253,18 @@ def test_a_parent_that_exits_normally_removes_what_its_fork_workers_left(tmp_pat
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["joined"], out.stderr
     assert not exists(PREFIX + "exit"), "the parent's exit looks again and removes it"
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_an_open_racing_the_last_free_of_a_pre_fork_hold_never_deadlocks(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lib = os.path.join(root, "target", "release")
+    if not os.path.exists(os.path.join(lib, "libzcbuf.so")):
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=root, check=True)
+    exe = tmp_path / "adopt_race"
+    subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
+                    f"-I{root}/include", os.path.join(root, "tests", "c", "adopt_race.c"),
+                    f"-L{lib}", "-lzcbuf", "-o", str(exe)], check=True)
+    p = subprocess.run([str(exe), PREFIX + "adopt", "4000"], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, LD_LIBRARY_PATH=lib))
+    assert p.returncode == 0, p.stdout + p.stderr
