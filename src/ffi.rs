@@ -103,8 +103,15 @@ thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+/// Records this thread's last error message. A call made while the thread is being torn down
+/// (e.g. from a pthread-key destructor, after Rust's thread-locals are gone) records nothing
+/// and still returns its status: touching the thread-local then would abort the process.
 fn set_error(msg: String) {
-    LAST_ERROR.with(|e| *e.borrow_mut() = msg);
+    let _ = LAST_ERROR.try_with(|e| {
+        if let Ok(mut e) = e.try_borrow_mut() {
+            *e = msg;
+        }
+    });
 }
 
 /// Runs `f`, catching panics; records the message of a failure for this thread.
@@ -806,11 +813,15 @@ pub unsafe extern "C" fn zcbuf_list(buf: *mut c_char, cap: usize, out_len: *mut 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn zcbuf_last_error(buf: *mut c_char, cap: usize) -> usize {
     let r = catch_unwind(AssertUnwindSafe(|| {
-        LAST_ERROR.with(|e| {
-            let e = e.borrow();
-            // SAFETY: the caller guarantees `buf` holds `cap` bytes (or cap is 0).
-            unsafe { copy_out(e.as_bytes(), buf, cap) }
-        })
+        LAST_ERROR
+            .try_with(|e| {
+                let e = e.try_borrow().map(|e| e.clone()).unwrap_or_default();
+                // SAFETY: the caller guarantees `buf` holds `cap` bytes (or cap is 0).
+                unsafe { copy_out(e.as_bytes(), buf, cap) }
+            })
+            // During thread teardown there is no message: an empty one.
+            // SAFETY: as above.
+            .unwrap_or_else(|_| unsafe { copy_out(b"", buf, cap) })
     }));
     r.unwrap_or(0)
 }

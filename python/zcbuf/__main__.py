@@ -12,6 +12,8 @@ commands:
   bench   copy versus zero-copy benchmark: table, results.json/.csv and a plot
   ls      list zcbuf shared-memory segments (size, dtype/shape, held by which pids, age)
   gc      remove segments no process maps any more (not persistent ones); says why
+
+options: -h/--help (also after a command), -V/--version
 """
 
 
@@ -49,12 +51,29 @@ def _gc() -> int:
     return 0
 
 
+_HELP = {
+    "ls": "usage: python -m zcbuf ls\n\nList the zcbuf segments in /dev/shm: size, dtype/shape, which pids hold\nthem (from /proc/locks), age, persistent; and files with a zcbuf-looking name\nwhose header is unusable, with the reason.",
+    "gc": "usage: python -m zcbuf gc\n\nRemove the zcbuf segments no process maps any more (left behind by killed\nholders), except those created with persist=True; files without a valid zcbuf\nheader are never touched. Prints each removed segment with its size and why.",
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"zcbuf {__version__}")
+        return 0
     cmd, rest = args[0], args[1:]
+    if cmd in _HELP and rest:
+        if rest[0] in ("-h", "--help"):
+            print(_HELP[cmd])
+            return 0
+        print(f"python -m zcbuf {cmd} takes no arguments (got {' '.join(rest)!r})\n\n{_HELP[cmd]}", file=sys.stderr)
+        return 2
     if cmd == "bench":
         from .bench import main as bench_main
 

@@ -102,6 +102,11 @@ _BY_STATUS: dict[int, type[Error]] = {
 }
 
 
+# Shown as ``zcbuf.NotFoundError`` (where users catch them), not ``zcbuf._errors.NotFoundError``.
+for _cls in (Error, *_BY_STATUS.values()):
+    _cls.__module__ = "zcbuf"
+
+
 def last_error() -> str:
     """This thread's last error message from the native library."""
     buf = ffi.new("char[]", 1024)
@@ -115,4 +120,11 @@ def last_error() -> str:
 def check(status: int) -> None:
     """Raise the exception for a nonzero native status (call in the thread that got it)."""
     if status:
-        raise _BY_STATUS.get(status, InternalError)(last_error())
+        cls = _BY_STATUS.get(status, InternalError)
+        msg = last_error()
+        # The native message starts with its kind ("not found: ..."), which the exception's
+        # class already says: say each thing once.
+        kind = ffi.string(lib.zcbuf_status_name(status)).decode("ascii", "replace") + ": "
+        if msg.startswith(kind):
+            msg = msg[len(kind):]
+        raise cls(msg)
