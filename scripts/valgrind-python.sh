@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 # The real interpreter, not a launcher script (valgrind would trace the launcher only).
 py=$(python3 -c "import sys; print(sys.executable)")
 log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 PYTHONMALLOC=malloc OPENBLAS_NUM_THREADS=1 valgrind --quiet --leak-check=no --num-callers=40 --log-file="$log" \
   "$py" - <<'PY'
 import gc, numpy as np, zcbuf

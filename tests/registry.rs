@@ -92,6 +92,7 @@ fn zero_length_buffers_of_every_kind() {
     let id = r.open_file(d.join("z"), true).unwrap();
     assert_eq!(r.size(id).unwrap(), 0);
     r.free(id).unwrap();
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
@@ -155,6 +156,7 @@ fn mode_is_0600() {
     let m = std::fs::metadata(d.join("f")).unwrap();
     assert_eq!(m.permissions().mode() & 0o777, 0o600);
     r.free(id).unwrap();
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]

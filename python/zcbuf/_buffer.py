@@ -402,6 +402,8 @@ def _shape_tuple(shape: ShapeLike) -> Tuple[int, ...]:
             raise InvalidArgumentError(f"shape {shape!r} is not a sequence of integers") from None
     if any(d < 0 for d in shp):
         raise InvalidArgumentError(f"shape {shp} has a negative dimension")
+    if any(d >= 1 << 64 for d in shp):
+        raise InvalidArgumentError(f"shape {shp} has a dimension of 2**64 or more")
     if len(shp) > 64:
         raise InvalidArgumentError(f"shape has {len(shp)} dimensions; at most 64 are supported")
     return shp
@@ -499,6 +501,11 @@ def empty(
         shp = _shape_tuple(shp + tuple(sub))
     text = _dtype.encode(dt)
     nbytes = math.prod(shp) * dt.itemsize
+    if nbytes >= 1 << 64:
+        raise InvalidArgumentError(
+            f"shape {shp} of {dt} ({dt.itemsize}-byte items) needs {nbytes} bytes: more than "
+            "64 bits can count"
+        )
     kind, target = _target(shared, name, path)
     dims = ffi.new("uint64_t[]", list(shp) or [0])
     out = ffi.new("uint64_t *")

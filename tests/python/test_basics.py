@@ -143,6 +143,11 @@ def test_bad_inputs_raise_specific_errors(tmp_file):
         zcbuf.create(2**63)
     with pytest.raises(OverflowError):
         zcbuf.create(2**64)
+    # impossible shapes: a clear InvalidArgumentError, not cffi's "int too big to convert"
+    with pytest.raises(zcbuf.InvalidArgumentError, match="64 bits"):
+        zcbuf.empty((2**40, 2**40), "f8")
+    with pytest.raises(zcbuf.InvalidArgumentError, match="2\\*\\*64"):
+        zcbuf.empty((2**64,), "u1")
     with pytest.raises(ValueError):
         zcbuf.empty((-1, 2))
     with pytest.raises(ValueError):
