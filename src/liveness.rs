@@ -427,10 +427,7 @@ pub(crate) fn recheck_left_held(force: bool) -> Vec<String> {
         let fd = match rustix::fs::openat(
             dir,
             name.as_str(),
-            rustix::fs::OFlags::RDWR
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::NONBLOCK
-                | rustix::fs::OFlags::CLOEXEC,
+            crate::shm::open_flags(true),
             rustix::fs::Mode::empty(),
         ) {
             Ok(fd) => fd,
@@ -609,10 +606,7 @@ impl Hold {
             let fresh = match rustix::fs::openat(
                 dir,
                 self.name.as_str(),
-                rustix::fs::OFlags::RDWR
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::NONBLOCK
-                    | rustix::fs::OFlags::CLOEXEC,
+                crate::shm::open_flags(true),
                 rustix::fs::Mode::empty(),
             ) {
                 Ok(f) => f,

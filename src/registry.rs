@@ -27,8 +27,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::header::Meta;
-pub(crate) use crate::mapping::Mapped;
-use crate::mapping::{CreateOptions, Kind};
+use crate::mapping::{CreateOptions, Kind, Mapped};
 
 /// Number of independently locked shards.
 pub const SHARDS: usize = 64;

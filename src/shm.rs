@@ -119,7 +119,8 @@ pub(crate) fn open_error(what: &str, e: Errno) -> Error {
     Error::from_errno(what, e)
 }
 
-fn open_flags(write: bool) -> OFlags {
+/// The flags zcbuf opens an existing segment with, read-write or read-only.
+pub(crate) fn open_flags(write: bool) -> OFlags {
     let rw = if write { OFlags::RDWR } else { OFlags::RDONLY };
     // NONBLOCK: a FIFO planted in /dev/shm cannot hang us; NOFOLLOW: nor can a symlink redirect.
     rw | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC

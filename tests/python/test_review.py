@@ -18,6 +18,21 @@ from conftest import run_py
 PREFIX = f"zcbuf-rv-{os.getpid()}-"
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LIB = os.path.join(ROOT, "target", "release")
+
+
+def build_c(source: str, tmp_path) -> str:
+    """Compile tests/c/SOURCE against the release library (built if missing); its path."""
+    if not os.path.exists(os.path.join(LIB, "libzcbuf.so")):
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    exe = str(tmp_path / source.replace(".c", ""))
+    subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
+                    f"-I{ROOT}/include", os.path.join(ROOT, "tests", "c", source),
+                    f"-L{LIB}", "-lzcbuf", "-o", exe], check=True)
+    return exe
+
+
 def exists(name: str) -> bool:
     return os.path.exists(f"/dev/shm/{name}")
 
@@ -257,16 +272,9 @@ def test_a_parent_that_exits_normally_removes_what_its_fork_workers_left(tmp_pat
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_an_open_racing_the_last_free_of_a_pre_fork_hold_never_deadlocks(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lib = os.path.join(root, "target", "release")
-    if not os.path.exists(os.path.join(lib, "libzcbuf.so")):
-        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=root, check=True)
-    exe = tmp_path / "adopt_race"
-    subprocess.run(["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
-                    f"-I{root}/include", os.path.join(root, "tests", "c", "adopt_race.c"),
-                    f"-L{lib}", "-lzcbuf", "-o", str(exe)], check=True)
-    p = subprocess.run([str(exe), PREFIX + "adopt", "4000"], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, LD_LIBRARY_PATH=lib))
+    exe = build_c("adopt_race.c", tmp_path)
+    p = subprocess.run([exe, PREFIX + "adopt", "4000"], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, LD_LIBRARY_PATH=LIB))
     assert p.returncode == 0, p.stdout + p.stderr
 
 
@@ -274,16 +282,9 @@ def test_an_open_racing_the_last_free_of_a_pre_fork_hold_never_deadlocks(tmp_pat
 def test_a_call_during_thread_teardown_returns_its_status(tmp_path):
     """zcbuf_release/zcbuf_free from a pthread-key destructor (after Rust's thread-locals are
     gone) used to abort the process."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lib = os.path.join(root, "target", "release")
-    if not os.path.exists(os.path.join(lib, "libzcbuf.so")):
-        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=root, check=True)
-    exe = tmp_path / "tls_teardown"
-    subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread",
-                    f"-I{root}/include", os.path.join(root, "tests", "c", "tls_teardown.c"),
-                    f"-L{lib}", "-lzcbuf", "-o", str(exe)], check=True)
-    p = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, LD_LIBRARY_PATH=lib))
+    exe = build_c("tls_teardown.c", tmp_path)
+    p = subprocess.run([exe], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, LD_LIBRARY_PATH=LIB))
     assert (p.returncode, p.stdout.strip()) == (0, "0"), p.stderr[-2000:]
 
 
@@ -315,10 +316,9 @@ def test_cli_subcommand_help_prints_help_and_runs_nothing(cmd):
 
 
 def test_every_exported_c_function_is_documented():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import re
-    header = open(os.path.join(root, "include", "zcbuf.h")).read()
-    doc = open(os.path.join(root, "docs", "c-api.md")).read()
+    header = open(os.path.join(ROOT, "include", "zcbuf.h")).read()
+    doc = open(os.path.join(ROOT, "docs", "c-api.md")).read()
     names = sorted(set(re.findall(r"\b(zcbuf_[a-z_]+)\(", header)))
     assert names, "no exports found"
     missing = [n for n in names if n not in doc]
