@@ -120,9 +120,25 @@ impl Error {
     }
 }
 
+/// Whether `msg` already says `kind` in those words (ASCII case ignored), as in
+/// "x already exists: ..." or an errno text such as "Permission denied".
+fn says(msg: &str, kind: &str) -> bool {
+    msg.as_bytes()
+        .windows(kind.len())
+        .any(|w| w.eq_ignore_ascii_case(kind.as_bytes()))
+}
+
+/// `kind: message`, or the message alone when it already says its kind: every message says
+/// its kind once (the C ABI's `zcbuf_last_error` is this text; Python drops a leading kind,
+/// which the exception class says).
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind_name(), self.message())
+        let (kind, msg) = (self.kind_name(), self.message());
+        if says(msg, kind) {
+            f.write_str(msg)
+        } else {
+            write!(f, "{kind}: {msg}")
+        }
     }
 }
 
@@ -164,6 +180,39 @@ mod tests {
         assert!(
             e.to_string()
                 .starts_with("out of memory or space: fallocate")
+        );
+    }
+
+    #[test]
+    fn display_says_the_kind_once() {
+        // Prefixed when the message does not say it...
+        let e = Error::NotFound("buffer id 7 is not live".into());
+        assert_eq!(e.to_string(), "not found: buffer id 7 is not live");
+        // ...and not again when it does, in any case (errno texts are capitalised).
+        let e = Error::AlreadyExists("w.zcbuf already exists: open it".into());
+        assert_eq!(e.to_string(), "w.zcbuf already exists: open it");
+        let e = Error::from_io("open x", &io::Error::from_raw_os_error(13));
+        assert!(matches!(e, Error::Permission(_)), "{e}");
+        assert_eq!(
+            e.to_string()
+                .to_lowercase()
+                .matches("permission denied")
+                .count(),
+            1,
+            "{e}"
+        );
+        let e = Error::from_io("open x", &io::Error::from_raw_os_error(22));
+        assert_eq!(
+            e.to_string()
+                .to_lowercase()
+                .matches("invalid argument")
+                .count(),
+            1,
+            "{e}"
+        );
+        assert_eq!(
+            Error::Internal(String::new()).to_string(),
+            "internal error: "
         );
     }
 }

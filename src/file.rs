@@ -15,9 +15,34 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::mapping::{CreateOptions, Mapped, Origin, page_size, read_header};
+use crate::header::data_offset_for;
+use crate::mapping::{CreateOptions, Mapped, Origin, human, page_size, read_header};
 
 const REMEDY: &str = "free space on that file system, put the file elsewhere, or ask for less";
+
+/// Refuses a reserved file that cannot fit before anything is created: `fallocate` on ext4
+/// keeps the blocks it got before it fails, so a too-large request would fill the disk for a
+/// moment (every other writer on it may fail meanwhile). `total` counts the header pages too.
+/// The free space is what an unprivileged user may take (`f_bavail`), measured now.
+fn check_room(dir: &Path, path: &Path, total: u64) -> Result<()> {
+    let s = rustix::fs::statvfs(dir).map_err(|e| {
+        Error::from_errno(&format!("measure the free space of {}", dir.display()), e)
+    })?;
+    if s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) {
+        return Ok(()); // creating reports that, which says more than "no space"
+    }
+    let free = s.f_bavail.saturating_mul(s.f_frsize);
+    if total > free {
+        return Err(Error::OutOfMemory(format!(
+            "{} needs {}; its file system has {} free (measured before creating anything, so \
+             nothing was created): make room there, put the file elsewhere, or ask for less",
+            path.display(),
+            human(total),
+            human(free)
+        )));
+    }
+    Ok(())
+}
 
 fn check_path(path: &Path) -> Result<()> {
     if path.as_os_str().is_empty() {
@@ -61,6 +86,10 @@ pub(crate) fn create(path: &Path, len: usize, opts: &CreateOptions) -> Result<Ma
     if rustix::fs::statat(&dir, file_name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
         return Err(exists(path));
     }
+    if opts.reserve {
+        let total = (data_offset_for(page_size()) as u64).saturating_add(len as u64);
+        check_room(parent, path, total)?;
+    }
     let tmp = match rustix::fs::openat(
         &dir,
         ".",
@@ -74,6 +103,8 @@ pub(crate) fn create(path: &Path, len: usize, opts: &CreateOptions) -> Result<Ma
         Err(e) => return Err(Error::from_errno(&format!("create {}", path.display()), e)),
     };
     let file = File::from(tmp);
+    // On failure (another writer took the space since check_room) the unnamed file and every
+    // block it got go with its last descriptor, here.
     let parsed = Mapped::layout(&file, len, opts, false, &where_, REMEDY)?;
     let tmp = OwnedFd::from(file);
     let linked = match rustix::fs::linkat(&tmp, "", &dir, file_name, AtFlags::EMPTY_PATH) {
@@ -142,7 +173,14 @@ fn create_in_place(path: &Path, len: usize, opts: &CreateOptions) -> Result<Mapp
     let made = Mapped::layout(&file, len, opts, false, &where_, REMEDY)
         .and_then(|parsed| Mapped::map_new(file.as_fd(), parsed, true, origin, &where_, opts));
     if made.is_err() {
-        let _ = std::fs::remove_file(path);
+        // Give back the blocks a failed fallocate kept (through our descriptor, whatever the
+        // path names now), then remove the name if it still names our file.
+        let _ = file.set_len(0);
+        let ours = rustix::fs::fstat(&file).map(|s| (s.st_dev, s.st_ino)).ok();
+        let named = rustix::fs::lstat(path).map(|s| (s.st_dev, s.st_ino)).ok();
+        if ours.is_some() && ours == named {
+            let _ = std::fs::remove_file(path);
+        }
     }
     made
 }
