@@ -14,6 +14,11 @@
 //! the map, which happens only when it is retired with no lease: so no interleaving of these
 //! calls, from any number of threads, unmaps memory under a held lease.
 //!
+//! An entry made by a Rust [`crate::Buffer`] for private memory is *exclusive*: `acquire`,
+//! `acquire_info`, `lease` and `lease_owned` refuse it (the `Buffer` lends references into it)
+//! until `Buffer::into_id` shares it. An [`OwnedLease`] counts as a lease and also holds the
+//! entry's mapping, so its memory stays mapped even if the count is released by someone else.
+//!
 //! Ids are never 0 and never reused (a 64-bit counter), so a stale id cannot reach another buffer.
 //! Entries are spread over [`SHARDS`] independently locked maps by id, so threads working on
 //! different buffers do not contend.
@@ -62,6 +67,9 @@ struct Entry {
     readonly: bool,
     leases: u64,
     retired: bool,
+    /// Owned by a Rust [`crate::Buffer`] that lends references into it (a private buffer):
+    /// `acquire`, `acquire_info` and `lease` refuse it until [`Registry::share`] clears this.
+    exclusive: bool,
 }
 
 /// One shard, on its own cache lines so shards do not false-share.
@@ -137,6 +145,14 @@ fn info_of(e: &Entry) -> Info {
     }
 }
 
+fn exclusive_error(id: u64) -> Error {
+    Error::Permission(format!(
+        "buffer id {id} is a private buffer owned by a Rust zcbuf::Buffer, which lends references \
+         into it: no lease can be taken until its owner calls Buffer::into_id() (or lease it \
+         through Buffer::into_lease())"
+    ))
+}
+
 fn not_found(id: u64) -> Error {
     Error::NotFound(format!(
         "buffer id {id} is not live (never created in this process, or already freed)"
@@ -174,6 +190,10 @@ impl Registry {
 
     /// Inserts with `leases` leases already taken; returns the id and the mapping.
     fn insert_leased(&self, mapped: Mapped, leases: u64) -> (u64, Arc<Mapped>) {
+        self.insert_entry(mapped, leases, false)
+    }
+
+    fn insert_entry(&self, mapped: Mapped, leases: u64, exclusive: bool) -> (u64, Arc<Mapped>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mapped = Arc::new(mapped);
         let entry = Entry {
@@ -183,6 +203,7 @@ impl Registry {
             mapped: Arc::clone(&mapped),
             leases,
             retired: false,
+            exclusive,
         };
         self.shard(id).insert(id, entry);
         (id, mapped)
@@ -251,6 +272,9 @@ impl Registry {
             .get_mut(&id)
             .filter(|e| !e.retired)
             .ok_or_else(|| not_found(id))?;
+        if e.exclusive {
+            return Err(exclusive_error(id));
+        }
         e.leases += 1;
         let p = NonNull::new(e.addr as *mut u8).expect("data address is never null");
         Ok((p, e.len, info_of(e)))
@@ -260,6 +284,7 @@ impl Registry {
     fn acquire_entry(&self, id: u64) -> Result<(NonNull<u8>, usize, bool)> {
         let mut map = self.shard(id);
         match map.get_mut(&id) {
+            Some(e) if e.exclusive && !e.retired => Err(exclusive_error(id)),
             Some(e) if !e.retired => {
                 e.leases += 1;
                 let p = NonNull::new(e.addr as *mut u8).expect("data address is never null");
@@ -360,6 +385,53 @@ impl Registry {
     pub fn flush(&self, id: u64) -> Result<()> {
         let mapped = self.with(id, |e| Arc::clone(&e.mapped))?;
         mapped.flush()
+    }
+
+    /// Takes a lease as an [`OwnedLease`]: like [`Registry::lease`], but it borrows nothing, so
+    /// it can move to another thread and outlive any handle (it needs a `'static` registry, such
+    /// as [`Registry::global`]).
+    ///
+    /// ```
+    /// use zcbuf::{CreateOptions, Registry};
+    /// let reg = Registry::global();
+    /// let id = reg.create(8, &CreateOptions::new()).unwrap();
+    /// let lease = reg.lease_owned(id).unwrap();
+    /// reg.free(id).unwrap(); // retired; the lease keeps the memory mapped
+    /// let t = std::thread::spawn(move || {
+    ///     lease.write_at(0, b"thread").unwrap();
+    ///     let mut out = [0u8; 6];
+    ///     lease.read_at(0, &mut out).unwrap();
+    ///     out
+    /// });
+    /// assert_eq!(&t.join().unwrap(), b"thread");
+    /// ```
+    pub fn lease_owned(&'static self, id: u64) -> Result<OwnedLease> {
+        let mapped = {
+            let mut map = self.shard(id);
+            match map.get_mut(&id) {
+                Some(e) if e.exclusive && !e.retired => return Err(exclusive_error(id)),
+                Some(e) if !e.retired => {
+                    e.leases += 1;
+                    Arc::clone(&e.mapped)
+                }
+                _ => return Err(not_found(id)),
+            }
+        };
+        Ok(OwnedLease::new(self, id, mapped))
+    }
+
+    /// Inserts a new buffer with one lease already taken, returned as an [`OwnedLease`]. With
+    /// `exclusive`, every other way to lease it is refused until [`Registry::share`].
+    pub(crate) fn insert_owned(&'static self, mapped: Mapped, exclusive: bool) -> OwnedLease {
+        let (id, mapped) = self.insert_entry(mapped, 1, exclusive);
+        OwnedLease::new(self, id, mapped)
+    }
+
+    /// Lets anyone lease `id` again (clears the exclusive mark of [`Registry::insert_owned`]).
+    pub(crate) fn share(&self, id: u64) {
+        if let Some(e) = self.shard(id).get_mut(&id) {
+            e.exclusive = false;
+        }
     }
 
     /// Locks every shard, in order (for the fork handlers; see `liveness::before_fork`).
@@ -464,6 +536,159 @@ impl Lease<'_> {
 
 impl Drop for Lease<'_> {
     /// Policy: releases the lease; a buffer freed meanwhile is unmapped now if this was its last.
+    fn drop(&mut self) {
+        let _ = self.reg.release(self.id);
+    }
+}
+
+/// A lease that owns what it needs: `'static`, [`Send`] and [`Sync`], so it can move to or be
+/// shared with other threads and outlive the [`crate::Buffer`] or id it came from.
+///
+/// It counts as a lease of its registry (so [`Registry::free`] only retires the id) *and* holds
+/// the buffer's mapping itself, so its memory stays mapped until it is dropped whatever else
+/// happens to the id (even unbalanced [`Registry::release`] calls). Take one with
+/// [`Registry::lease_owned`], [`crate::Buffer::lease`] or [`crate::Buffer::into_lease`]; typed
+/// element access (`read`, `write`, `copy_to_slice`, ...) is documented with [`crate::Buffer`].
+///
+/// Like [`Lease`], it gives copies and raw pointers, never a `&[u8]`: the memory may be written
+/// by other leases, threads and processes at any time.
+///
+/// **Drop policy:** releases the registry lease (ignoring an error: the id may have been
+/// released by someone else), then drops its mapping reference; if that was the last, the memory
+/// is unmapped (a file buffer flushed first) and, for a shared buffer, this process's hold on the
+/// segment ends.
+pub struct OwnedLease {
+    reg: &'static Registry,
+    id: u64,
+    ptr: NonNull<u8>,
+    len: usize,
+    readonly: bool,
+    /// Keeps the memory mapped for as long as this lease lives, independently of the registry's
+    /// count; declared last so it drops after the release in `Drop`.
+    mapped: Arc<Mapped>,
+}
+
+// SAFETY: `OwnedLease` is a `'static` registry reference (the registry is `Sync`: sharded
+// mutexes), an id, an `Arc<Mapped>` (the mapping is never moved and is unmapped only when the
+// last `Arc` goes, from whichever thread drops it; `Mapped` holds no thread-bound state) and a
+// cached address into that mapping. Nothing about it is tied to the thread that made it: release
+// takes the shard lock from any thread. So moving it to another thread is sound.
+unsafe impl Send for OwnedLease {}
+// SAFETY: `&OwnedLease` gives immutable metadata and copies through raw pointers. Any thread can
+// already take its own lease on the same id and do exactly the same accesses at the same time,
+// so sharing one lease between threads adds no access pattern: the memory is treated as written
+// by others at any time (see "The Rust face" in docs/design.md), and never handed out as a
+// reference.
+unsafe impl Sync for OwnedLease {}
+
+impl OwnedLease {
+    fn new(reg: &'static Registry, id: u64, mapped: Arc<Mapped>) -> OwnedLease {
+        OwnedLease {
+            reg,
+            id,
+            ptr: mapped.data_ptr(),
+            len: mapped.len(),
+            readonly: mapped.readonly(),
+            mapped,
+        }
+    }
+    /// The buffer id (possibly freed already: the lease outlives it).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// The data address; valid for [`OwnedLease::len`] bytes while the lease lives. Writes
+    /// through it need a writable buffer ([`OwnedLease::readonly`] false); memory that others
+    /// may write must not be turned into references (see [`crate::Buffer::view`]).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// Data length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True for a zero-length buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// True when mapped read-only.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+    /// The backing.
+    pub fn kind(&self) -> Kind {
+        self.mapped.kind()
+    }
+    /// The dtype and shape stored with the buffer.
+    pub fn meta(&self) -> &Meta {
+        self.mapped.meta()
+    }
+    /// The segment name (shared buffers).
+    pub fn name(&self) -> Option<&str> {
+        self.mapped.name()
+    }
+    /// The file path (file buffers).
+    pub fn path(&self) -> Option<&Path> {
+        self.mapped.path()
+    }
+
+    pub(crate) fn mapped(&self) -> &Mapped {
+        &self.mapped
+    }
+
+    fn check(&self, off: usize, n: usize) -> Result<()> {
+        match off.checked_add(n) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "range {off}..{off}+{n} is outside the {}-byte buffer",
+                self.len
+            ))),
+        }
+    }
+
+    /// Copies `src` into the buffer at byte offset `off`.
+    pub fn write_at(&self, off: usize, src: &[u8]) -> Result<()> {
+        if self.readonly {
+            return Err(Error::ReadOnly(format!(
+                "buffer id {} was opened read-only",
+                self.id
+            )));
+        }
+        self.check(off, src.len())?;
+        // SAFETY: the range was checked to lie inside the mapping, which `self.mapped` keeps
+        // mapped; it is writable (not read-only); `src` is Rust memory, distinct from a mapping
+        // zcbuf made, so they do not overlap; no reference to the mapped bytes is made.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
+        };
+        Ok(())
+    }
+
+    /// Copies bytes from the buffer at byte offset `off` into `dst`.
+    pub fn read_at(&self, off: usize, dst: &mut [u8]) -> Result<()> {
+        self.check(off, dst.len())?;
+        // SAFETY: the range lies inside the mapping, which `self.mapped` keeps mapped and
+        // readable; `dst` is distinct Rust memory; every byte value is a valid `u8`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for OwnedLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedLease")
+            .field("id", &self.id)
+            .field("kind", &self.kind())
+            .field("len", &self.len)
+            .field("readonly", &self.readonly)
+            .finish()
+    }
+}
+
+impl Drop for OwnedLease {
+    /// Policy: releases the registry lease (an error, e.g. someone else released it, is
+    /// ignored); then the mapping reference goes, unmapping the memory if it was the last.
     fn drop(&mut self) {
         let _ = self.reg.release(self.id);
     }
