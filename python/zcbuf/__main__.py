@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import sys
-import time
 from typing import Optional, Sequence
 
 USAGE = """usage: python -m zcbuf COMMAND [options]
@@ -77,7 +77,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cmd == "bench":
         from .bench import main as bench_main
 
-        return bench_main(rest)
+        try:
+            return bench_main(rest)
+        except BrokenPipeError:
+            # The reader of stdout went away (``| head``): stop quietly, as other tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
     if cmd == "ls":
         return _ls()
     if cmd == "gc":

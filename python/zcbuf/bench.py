@@ -7,25 +7,30 @@ every comparison is made side by side in the same run and reported as a ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import gc as _gc
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
+import re
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _buffer
+from ._errors import check
 from ._native import ffi, lib
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 256 * MiB, 1 * GiB]
 SUITES = ("inproc", "interproc", "touch")
 #: copying peers are skipped above these sizes (they take seconds and prove nothing new)
@@ -67,35 +72,140 @@ def fmt_time(s: float) -> str:
     return f"{s:.2f} s"
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:I?B)?|B)?\s*", re.IGNORECASE)
+_UNIT = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+
+
 def parse_size(text: str) -> int:
-    t = text.strip().upper().replace("IB", "").replace("B", "")
-    mult = {"K": KiB, "M": MiB, "G": GiB}.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in "KMG" else t
-    return int(float(num) * mult)
+    """Bytes in ``text``: a number with an optional unit B, K/KB/KiB, M.., G.., T.. (all
+    powers of 1024, any case), e.g. ``4KiB``, ``1.5GiB``, ``4096``. Raises ValueError."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text.strip()!r} is not a size (use e.g. 4KiB, 64MiB, 1GiB)")
+    n = int(float(m.group(1)) * _UNIT[(m.group(2) or "").upper()])
+    if n < 1:
+        raise ValueError(f"{text.strip()!r} is less than one byte")
+    return n
+
+
+def sizes_arg(text: str) -> List[int]:
+    """The ``--sizes`` option: comma-separated sizes, each at most this machine's memory;
+    sorted, without repeats. Raises argparse.ArgumentTypeError (argparse then prints
+    ``error: argument --sizes: ...`` and exits with status 2)."""
+    total = mem_total()
+    out = set()
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            n = parse_size(part)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if n > total:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()} is more than this machine's memory ({fmt_bytes(total)}): ask for less"
+            )
+        out.add(n)
+    if not out:
+        raise argparse.ArgumentTypeError("no sizes given (use e.g. 4KiB,64MiB,1GiB)")
+    return sorted(out)
+
+
+def fmt_bytes(n: int) -> str:
+    """``n`` bytes, rounded to one decimal in the largest fitting unit (for room, not sizes)."""
+    for unit, k in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """What the benchmark is doing now, on stderr.
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = max(total, 1), 0, enabled
-        self.t0 = time.perf_counter()
+    On a terminal: one line, redrawn in place twice a second by a background thread, with a
+    bar, the step and how long the whole run and the step have taken. Elsewhere (a pipe, a
+    log): one plain line as each step starts, nothing redrawn. ``quiet`` clears the line
+    before results are printed, so the two never mix.
+    """
+
+    def __init__(self, total: int, enabled: bool, live: bool) -> None:
+        self.total, self.done = max(total, 1), 0
+        self.enabled, self.live = enabled, enabled and live
+        self.t0 = self.t_step = time.perf_counter()
+        self.base = self.label = ""
+        self.notes: List[str] = []  # lines said on the way (sizes skipped midway)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        if self.live:
+            self.thread = threading.Thread(target=self._refresh, name="zcbuf-bench-progress", daemon=True)
+            self.thread.start()
 
     def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        width = 30
-        fill = int(width * self.done / self.total)
-        el = time.perf_counter() - self.t0
-        sys.stderr.write(
-            f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {el:5.0f}s  {label[:48]:<48}"
+        """A new step starts now (it counts towards the bar)."""
+        with self.lock:
+            self.done += 1
+            self.base = self.label = label
+            self.t_step = time.perf_counter()
+            if not self.enabled:
+                return
+            if self.live:
+                self._draw()
+            else:
+                el = time.perf_counter() - self.t0
+                sys.stderr.write(f"[{min(self.done, self.total)}/{self.total} {el:.0f}s] {label}\n")
+                sys.stderr.flush()
+
+    def detail(self, what: str) -> None:
+        """What the current step is doing now (shown on a terminal only; not a new step)."""
+        with self.lock:
+            self.label = f"{self.base}: {what}"
+
+    def note(self, line: str) -> None:
+        """Says ``line`` on stderr at once (clearing the live line first), and keeps it."""
+        with self.lock:
+            self.notes.append(line)
+            if self.live and self.label:
+                sys.stderr.write("\r\x1b[K")
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        width = 24
+        done = min(self.done, self.total)
+        fill = int(width * max(done - 1, 0) / self.total)
+        now = time.perf_counter()
+        line = (
+            f"[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {now - self.t0:4.0f}s  "
+            f"{self.label[:52]} ({now - self.t_step:.0f}s)"
         )
+        sys.stderr.write(f"\r\x1b[K{line}")
         sys.stderr.flush()
 
+    def _refresh(self) -> None:
+        while not self.stop.wait(0.5):
+            with self.lock:
+                if self.label:
+                    self._draw()
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Clears the live line while results are printed; it comes back at the next refresh."""
+        with self.lock:
+            if self.live and self.label:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+            yield
+
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        with self.lock:
+            if self.live and self.label:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+            self.label = ""
 
 
 def measure(fn: Callable[[], Any], reps: int, budget: float = 0.02) -> Tuple[float, float, float, int]:
@@ -124,13 +234,23 @@ def measure(fn: Callable[[], Any], reps: int, budget: float = 0.02) -> Tuple[flo
 def suite_inproc(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
     rows: List[Row] = []
     for n in sizes:
-        buf = _buffer.create(n)
+        prog.step(f"in-process {fmt_size(n)}")
+        with room_guard(prog, "inproc", n):
+            rows += _inproc_size(n, reps, prog)
+        _gc.collect()
+    return rows
+
+
+def _inproc_size(n: int, reps: int, prog: Progress) -> List[Row]:
+    rows: List[Row] = []
+    buf = _buffer.create(n)
+    ptr = ffi.new("uint8_t **")
+    ln = ffi.new("size_t *")
+    check(lib.zcbuf_acquire(buf.id, ptr, ln))
+    raw = ptr[0]
+    try:
         src = buf.asarray()
         src[:] = np.arange(n, dtype=np.uint64).astype(np.uint8) if n <= 16 * MiB else 7
-        ptr = ffi.new("uint8_t **")
-        ln = ffi.new("size_t *")
-        lib.zcbuf_acquire(buf.id, ptr, ln)
-        raw = ptr[0]
 
         def zc() -> Any:
             return buf.asarray()
@@ -165,14 +285,14 @@ def suite_inproc(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
 
             methods.append(("copy: JSON string parse", via_json, max(3, reps // 2), "parse side only"))
         for name, fn, r, note in methods:
+            prog.detail(name)
             med, p25, p75, k = measure(fn, r)
             rows.append(Row("inproc", name, n, med, p25, p75, k, note))
             _gc.collect()
-        prog.step(f"in-process {fmt_size(n)}")
-        lib.zcbuf_release(buf.id)
         del src
+    finally:
+        lib.zcbuf_release(buf.id)
         buf.free()
-        _gc.collect()
     return rows
 
 
@@ -183,6 +303,10 @@ def suite_inproc(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
 def _consumer(conn: Any) -> None:
     """Runs in the consumer process: answers attach/handoff requests until told to stop."""
     from multiprocessing import shared_memory
+
+    # Ctrl-C reaches the whole process group: the producer stops this process (it is also a
+    # daemon), so it must not die midway with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     import zcbuf
 
@@ -268,6 +392,7 @@ def suite_interproc(sizes: Sequence[int], reps: int, prog: Progress, peers: Sequ
     methods = ["zcbuf", "shared_memory", "pickle"]
     if avail["SharedArray"] and "SharedArray" in peers:
         methods.append("SharedArray")
+    prog.step(f"between processes {fmt_size(sizes[0])}: attach")  # and starting the consumer
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_consumer, args=(child,), daemon=True)
@@ -283,64 +408,81 @@ def suite_interproc(sizes: Sequence[int], reps: int, prog: Progress, peers: Sequ
 
         med, p25, p75, k = measure(ping, reps * 3)
         rows.append(Row("interproc", "pipe round trip (reference)", 0, med, p25, p75, k))
-        for n in sizes:
-            data = np.full(n, 3, np.uint8)
-            expect = int(np.add.reduce(data.view(np.uint64), dtype=np.uint64)) if n % 8 == 0 else int(data.sum())
-            # Attach: every method's segment exists at once, and the methods take turns in
-            # rounds, so that drift and noise hit them alike; hundreds of samples each.
-            made = [(m, *_produce(m, data)) for m in methods if m != "pickle"]
-            try:
-                samples_of: Dict[str, List[float]] = {}
-                for _ in range(ATTACH_ROUNDS):
-                    for method, name, _cleanup, attach_ok in made:
-                        if attach_ok:
-                            parent.send(("attach", method, name, n, reps * 20))
-                            samples_of.setdefault(method, []).extend(parent.recv())
-                for method, samples in samples_of.items():
-                    q = statistics.quantiles(samples, n=4)
-                    rows.append(
-                        Row("interproc", f"attach: {method}", n, statistics.median(samples), q[0], q[2], len(samples))
-                    )
-            finally:
-                for _m, _name, cleanup, _ok in made:
-                    cleanup()
-            for method in methods:
-                if method == "pickle" and n > 1 * GiB:
-                    continue
-                name, cleanup, attach_ok = _produce(method, data)
-                try:
-                    hand = []
-                    reduce_t = []
-                    for _ in range(max(3, reps // 2) if n >= 256 * MiB else reps):
-                        t = time.perf_counter()
-                        parent.send(("handoff", method, data if method == "pickle" else name, n))
-                        assert parent.recv()[0] == "ready"
-                        hand.append(time.perf_counter() - t)
-                        _, total, red = parent.recv()
-                        if total != expect:
-                            raise RuntimeError(f"{method} handed over wrong data at {n} bytes")
-                        reduce_t.append(red)
-                    q = statistics.quantiles(hand, n=4) if len(hand) > 1 else [hand[0]] * 3
-                    rows.append(
-                        Row(
-                            "interproc",
-                            f"handoff: {method}",
-                            n,
-                            statistics.median(hand),
-                            q[0],
-                            q[2],
-                            len(hand),
-                            extra={"reduce_s": statistics.median(reduce_t)},
-                        )
-                    )
-                finally:
-                    cleanup()
-                prog.step(f"between processes {fmt_size(n)} {method}")
-            del data
+        for i, n in enumerate(sizes):
+            if i:
+                prog.step(f"between processes {fmt_size(n)}: attach")
+            with room_guard(prog, "interproc", n):
+                rows += _interproc_size(n, reps, prog, parent, methods)
             _gc.collect()
     finally:
-        parent.send(("stop",))
+        try:
+            parent.send(("stop",))
+        except OSError:
+            pass  # the consumer is gone already (e.g. the whole group got SIGTERM)
         proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+    return rows
+
+
+def _handoff_methods(n: int, methods: Sequence[str]) -> List[str]:
+    """The handoff methods measured at ``n`` bytes (pickle stops above 1 GiB: it takes seconds)."""
+    return [m for m in methods if not (m == "pickle" and n > 1 * GiB)]
+
+
+def _interproc_size(n: int, reps: int, prog: Progress, parent: Any, methods: Sequence[str]) -> List[Row]:
+    rows: List[Row] = []
+    data = np.full(n, 3, np.uint8)
+    expect = int(np.add.reduce(data.view(np.uint64), dtype=np.uint64)) if n % 8 == 0 else int(data.sum())
+    # Attach: every method's segment exists at once, and the methods take turns in rounds, so
+    # that drift and noise hit them alike; hundreds of samples each.
+    made: List[Tuple[str, str, Callable[[], None], bool]] = []
+    try:
+        for m in methods:
+            if m != "pickle":
+                made.append((m, *_produce(m, data)))  # one at a time: a failure cleans up the rest
+        samples_of: Dict[str, List[float]] = {}
+        for _ in range(ATTACH_ROUNDS):
+            for method, name, _cleanup, attach_ok in made:
+                if attach_ok:
+                    parent.send(("attach", method, name, n, reps * 20))
+                    samples_of.setdefault(method, []).extend(parent.recv())
+        for method, samples in samples_of.items():
+            q = statistics.quantiles(samples, n=4)
+            rows.append(Row("interproc", f"attach: {method}", n, statistics.median(samples), q[0], q[2], len(samples)))
+    finally:
+        for _m, _name, cleanup, _ok in made:
+            cleanup()
+    for method in _handoff_methods(n, methods):
+        prog.step(f"between processes {fmt_size(n)}: handoff {method}")
+        name, cleanup, attach_ok = _produce(method, data)
+        try:
+            hand = []
+            reduce_t = []
+            for _ in range(max(3, reps // 2) if n >= 256 * MiB else reps):
+                t = time.perf_counter()
+                parent.send(("handoff", method, data if method == "pickle" else name, n))
+                assert parent.recv()[0] == "ready"
+                hand.append(time.perf_counter() - t)
+                _, total, red = parent.recv()
+                if total != expect:
+                    raise RuntimeError(f"{method} handed over wrong data at {n} bytes")
+                reduce_t.append(red)
+            q = statistics.quantiles(hand, n=4) if len(hand) > 1 else [hand[0]] * 3
+            rows.append(
+                Row(
+                    "interproc",
+                    f"handoff: {method}",
+                    n,
+                    statistics.median(hand),
+                    q[0],
+                    q[2],
+                    len(hand),
+                    extra={"reduce_s": statistics.median(reduce_t)},
+                )
+            )
+        finally:
+            cleanup()
     return rows
 
 
@@ -386,6 +528,7 @@ def suite_ray(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
         consumer: Any = actor_class.remote()
         ray.get(consumer.ready.remote())
         for n in sizes:
+            prog.step(f"ray {fmt_size(n)}")
             data = np.full(n, 3, np.uint8)
             expect = int(np.add.reduce(data.view(np.uint64), dtype=np.uint64)) if n % 8 == 0 else int(data.sum())
             ref = ray.put(data)
@@ -404,7 +547,6 @@ def suite_ray(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
                 del ref
             q = statistics.quantiles(hand, n=4)
             rows.append(Row("interproc", "handoff: ray", n, statistics.median(hand), q[0], q[2], len(hand)))
-            prog.step(f"ray {fmt_size(n)}")
             del data
             _gc.collect()
     finally:
@@ -425,6 +567,11 @@ def _produce(method: str, data: np.ndarray) -> Tuple[str, Callable[[], None], bo
         np.copyto(buf.asarray(), data)
         return buf.name or "", buf.free, True
     if method == "shared_memory":
+        # Its segment is sparse: in a full /dev/shm the copy below would die of SIGBUS, so
+        # refuse here what does not fit (zcbuf reserves its pages and says so itself).
+        free = shm_free()
+        if n + SHM_MARGIN > free:
+            raise MemoryError(f"/dev/shm has {fmt_bytes(free)} free; shared_memory needs {fmt_size(n)}")
         shm = shared_memory.SharedMemory(create=True, size=max(n, 1))
         np.ndarray((n,), np.uint8, buffer=shm.buf)[:] = data
 
@@ -447,53 +594,67 @@ def _produce(method: str, data: np.ndarray) -> Tuple[str, Callable[[], None], bo
 # 3. First touch
 
 
-def suite_touch(sizes: Sequence[int], reps: int, prog: Progress) -> List[Row]:
+TOUCH_VARIANTS: List[Tuple[str, Dict[str, bool]]] = [
+    ("shared, reserved (default)", dict(shared=True)),
+    ("shared, reserved + populate", dict(shared=True, populate=True)),
+    ("shared, no reserve", dict(shared=True, reserve=False)),
+    ("shared + huge pages", dict(shared=True, huge_pages=True)),
+    ("private (default)", dict()),
+    ("private + populate", dict(populate=True)),
+    ("private + huge pages", dict(huge_pages=True)),
+    ("private + huge pages + populate", dict(huge_pages=True, populate=True)),
+]
+TOUCH_MIN = 1 * MiB
+
+
+def touch_variants(shared: bool) -> List[Tuple[str, Dict[str, bool]]]:
+    """The first-touch variants to run: all, or the private ones only (no room in /dev/shm)."""
+    return [v for v in TOUCH_VARIANTS if shared or not v[1].get("shared")]
+
+
+def suite_touch(sizes: Sequence[int], reps: int, prog: Progress, shared_at: Sequence[int]) -> List[Row]:
+    """Create + first write versus rewrite; the shared variants only at the sizes ``shared_at``."""
     rows: List[Row] = []
-    variants = [
-        ("shared, reserved (default)", dict(shared=True)),
-        ("shared, reserved + populate", dict(shared=True, populate=True)),
-        ("shared, no reserve", dict(shared=True, reserve=False)),
-        ("shared + huge pages", dict(shared=True, huge_pages=True)),
-        ("private (default)", dict()),
-        ("private + populate", dict(populate=True)),
-        ("private + huge pages", dict(huge_pages=True)),
-        ("private + huge pages + populate", dict(huge_pages=True, populate=True)),
-    ]
     for n in sizes:
-        if n < 1 * MiB:
+        if n < TOUCH_MIN:
             continue
-        for label, kw in variants:
-            create_t, first_t, again_t = [], [], []
-            for _ in range(max(3, reps // 2)):
-                t = time.perf_counter()
-                buf = _buffer.create(n, **kw)  # type: ignore[arg-type]
-                a = buf.asarray()
-                t1 = time.perf_counter()
-                a.fill(1)
-                t2 = time.perf_counter()
-                a.fill(2)
-                t3 = time.perf_counter()
-                create_t.append(t1 - t)
-                first_t.append(t2 - t1)
-                again_t.append(t3 - t2)
-                del a
-                buf.free()
-            med = statistics.median
-            rows.append(
-                Row(
-                    "touch",
-                    label,
-                    n,
-                    med(create_t) + med(first_t),
-                    min(c + f for c, f in zip(create_t, first_t)),
-                    max(c + f for c, f in zip(create_t, first_t)),
-                    len(create_t),
-                    extra={"create_s": med(create_t), "first_write_s": med(first_t), "rewrite_s": med(again_t)},
-                )
-            )
+        for label, kw in touch_variants(n in shared_at):
             prog.step(f"first touch {fmt_size(n)} {label}")
+            with room_guard(prog, f"touch ({label})", n):
+                rows.append(_touch_one(n, reps, label, kw))
         _gc.collect()
     return rows
+
+
+def _touch_one(n: int, reps: int, label: str, kw: Dict[str, bool]) -> Row:
+    create_t, first_t, again_t = [], [], []
+    for _ in range(max(3, reps // 2)):
+        t = time.perf_counter()
+        buf = _buffer.create(n, **kw)  # type: ignore[arg-type]
+        try:
+            a = buf.asarray()
+            t1 = time.perf_counter()
+            a.fill(1)
+            t2 = time.perf_counter()
+            a.fill(2)
+            t3 = time.perf_counter()
+            create_t.append(t1 - t)
+            first_t.append(t2 - t1)
+            again_t.append(t3 - t2)
+            del a
+        finally:
+            buf.free()
+    med = statistics.median
+    return Row(
+        "touch",
+        label,
+        n,
+        med(create_t) + med(first_t),
+        min(c + f for c, f in zip(create_t, first_t)),
+        max(c + f for c, f in zip(create_t, first_t)),
+        len(create_t),
+        extra={"create_s": med(create_t), "first_write_s": med(first_t), "rewrite_s": med(again_t)},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +675,8 @@ def spread(r: Row) -> str:
     return f" ±{50 * (r.p75_s - r.p25_s) / r.median_s:.0f}%"
 
 
-def table(rows: List[Row]) -> str:
+def table(rows: List[Row], footer: bool = True) -> str:
+    """The tables of ``rows`` in Markdown; with ``footer``, the note on ± and the targets."""
     out: List[str] = []
     sizes = sorted({r.size for r in rows if r.size})
 
@@ -576,8 +738,9 @@ def table(rows: List[Row]) -> str:
                 f"| {fmt_size(r.size)} | {r.method} | {fmt_time(e['create_s'])} | {fmt_time(e['first_write_s'])} | "
                 f"{fmt_time(e['rewrite_s'])} | {fmt_time((e['create_s'] + e['first_write_s']) * GiB / r.size)} |"
             )
-    out.append("\n(± is half the interquartile range, as a percentage of the median)")
-    out.append("\n" + "\n".join(targets(rows)))
+    if footer:
+        out.append("\n(± is half the interquartile range, as a percentage of the median)")
+        out.append("\n" + "\n".join(targets(rows)))
     return "\n".join(out)
 
 
@@ -684,76 +847,282 @@ def machine() -> Dict[str, Any]:
     return info
 
 
-def mem_available() -> int:
+def _meminfo(key: str) -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * KiB
     except OSError:
         pass
     return 1 << 62
 
 
+def mem_available() -> int:
+    """Memory the kernel can give without swapping (``MemAvailable``), in bytes."""
+    return _meminfo("MemAvailable")
+
+
+def mem_total() -> int:
+    """This machine's memory (``MemTotal``), in bytes."""
+    return _meminfo("MemTotal")
+
+
+# --------------------------------------------------------------------------------------------
+# Sizing: run what fits in the room this machine (or container) has
+
+
+SHM_DIR = "/dev/shm"
+PAGE = 4096
+#: kept free in /dev/shm and in memory besides what each figure needs (others use them too)
+SHM_MARGIN = 1 * MiB
+RAM_MARGIN = 128 * MiB
+
+
+def shm_free() -> int:
+    """Bytes free in /dev/shm (``statvfs``); 0 when there is none."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _pages(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def needs(suite: str, n: int, shm_methods: int = 2) -> Tuple[int, int]:
+    """(bytes of /dev/shm, bytes of memory) that measuring ``n`` bytes in ``suite`` takes at
+    its peak, copies included. /dev/shm pages are memory too, so they count in both.
+
+    - inproc: the buffer, one copy being made and the last one not yet freed; the JSON
+      method (up to 16 MiB) holds a Python list of every byte, its text and the parsed list.
+    - interproc: every shared method's segment at once (attach), the producer's array, and
+      for pickle the pickled bytes on both sides of the pipe plus the consumer's array.
+    - touch (shared variants): one segment; private variants need memory only (see
+      ``needs("touch-private", n)``).
+    - ray: the producer's array and the object store's copies.
+    """
+    seg = _pages(n) + PAGE  # data pages + zcbuf's header page
+    if suite == "inproc":
+        return 0, 3 * n + (24 * n if n <= JSON_MAX else 0)
+    if suite == "interproc":
+        shm = shm_methods * seg
+        return shm, n + shm + (3 * n if n <= 1 * GiB else 0)
+    if suite == "touch":
+        return seg, 2 * seg
+    if suite == "touch-private":
+        return 0, n + 2 * MiB  # a huge page of rounding
+    if suite == "ray":
+        return 0, 4 * n
+    raise ValueError(suite)
+
+
+@dataclass
+class Room:
+    """Free /dev/shm and available memory, in bytes, measured once before the run."""
+
+    shm: int
+    ram: int
+
+    @classmethod
+    def now(cls) -> "Room":
+        return cls(shm_free(), mem_available())
+
+    def lack(self, shm: int, ram: int) -> Optional[str]:
+        """Why (``shm``, ``ram``) does not fit, or None when it does."""
+        if shm and shm + SHM_MARGIN > self.shm:
+            return (
+                f"needs {fmt_bytes(shm + SHM_MARGIN)} of {SHM_DIR}, which has {fmt_bytes(self.shm)} free "
+                f"(enlarge it: docker run --shm-size=...)"
+            )
+        if ram + RAM_MARGIN > self.ram:
+            return f"needs {fmt_bytes(ram + RAM_MARGIN)} of memory, and {fmt_bytes(self.ram)} is available"
+        return None
+
+
+@dataclass
+class Plan:
+    """Which sizes each suite measures, and one line for each (suite, size) left out."""
+
+    sizes: Dict[str, List[int]] = field(default_factory=dict)
+    touch_shared: List[int] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+
+    def steps(self, handoffs: Callable[[int], int]) -> int:
+        total = len(self.sizes.get("inproc", []))
+        total += sum(1 + handoffs(n) for n in self.sizes.get("interproc", []))
+        total += len(self.sizes.get("ray", []))
+        total += sum(len(touch_variants(n in self.touch_shared)) for n in self.sizes.get("touch", []))
+        return total
+
+
+def make_plan(suites: Sequence[str], sizes: Sequence[int], room: Room, shm_methods: int) -> Plan:
+    plan = Plan()
+    for suite in suites:
+        keep: List[int] = []
+        for n in sizes:
+            if suite == "touch" and n < TOUCH_MIN:
+                continue  # first touch is measured from 1 MiB (not a skip: by design)
+            if suite == "touch":
+                why = room.lack(*needs("touch-private", n))
+                shared_why = room.lack(*needs("touch", n))
+                if why is None:
+                    keep.append(n)
+                    if shared_why is None:
+                        plan.touch_shared.append(n)
+                    else:
+                        plan.skipped.append(
+                            f"skipped {fmt_size(n)} in touch for its shared variants (the private ones "
+                            f"run): {shared_why}"
+                        )
+                    continue
+            else:
+                why = room.lack(*needs(suite, n, shm_methods))
+                if why is None:
+                    keep.append(n)
+                    continue
+            plan.skipped.append(f"skipped {fmt_size(n)} in {suite}: {why}")
+        if keep:
+            plan.sizes[suite] = keep
+    return plan
+
+
+def out_of_room(e: BaseException) -> bool:
+    """Whether ``e`` says memory, /dev/shm or disk ran out (zcbuf's OutOfMemoryError is a
+    MemoryError)."""
+    return isinstance(e, MemoryError) or (
+        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT)
+    )
+
+
+@contextlib.contextmanager
+def room_guard(prog: Progress, suite: str, n: int) -> Iterator[None]:
+    """Runs one size of a suite; if the room ran out meanwhile (others took it), says so in
+    one line and goes on with the next (the figures of that size are dropped)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only out-of-room errors are kept from the caller
+        if not out_of_room(e):
+            raise
+        prog.note(f"skipped {fmt_size(n)} in {suite}: ran out of room midway ({e})")
+        _gc.collect()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _write_results(out: str, rows: List[Row], meta: Dict[str, Any]) -> Tuple[str, str]:
+    js, cs = os.path.join(out, "results.json"), os.path.join(out, "results.csv")
+    with open(js, "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(cs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["suite", "method", "size", "median_s", "p25_s", "p75_s", "reps", "note", "extra"])
+        for r in rows:
+            w.writerow([r.suite, r.method, r.size, r.median_s, r.p25_s, r.p75_s, r.reps, r.note, json.dumps(r.extra)])
+    return js, cs
+
+
+def _on_sigterm(_sig: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds through every cleanup, as Ctrl-C does
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zcbuf bench", description=__doc__)
-    p.add_argument("--sizes", default=",".join(fmt_size(s).replace(" ", "") for s in DEFAULT_SIZES),
-                   help="comma-separated sizes, e.g. 4KiB,1MiB,1GiB (default: %(default)s)")
+    p.add_argument("--sizes", type=sizes_arg, default=",".join(fmt_size(s).replace(" ", "") for s in DEFAULT_SIZES),
+                   help="comma-separated sizes, e.g. 4KiB,1MiB,1GiB (default: %(default)s); sizes that do "
+                        "not fit in /dev/shm or memory are skipped, one line each")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per figure (default: %(default)s)")
     p.add_argument("--suites", default=",".join(SUITES), help=f"which suites: {','.join(SUITES)}")
     p.add_argument("--peers", default="SharedArray,ray",
                    help="optional peers to include when installed (default: %(default)s)")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.csv, bench.png")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a smoke run)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
     a = p.parse_args(argv)
-    sizes = [parse_size(s) for s in a.sizes.split(",") if s.strip()]
+    sizes: List[int] = a.sizes
     reps = a.reps
     if a.quick:
         sizes, reps = [4 * KiB, 1 * MiB, 16 * MiB], 5
     if reps < 3:
         p.error("--reps must be at least 3")
-    avail = mem_available()
-    fit = [s for s in sizes if 4 * s <= avail]
-    if len(fit) < len(sizes):
-        print(f"skipping sizes above {fmt_size(max(fit or [0]))}: not enough free memory", file=sys.stderr)
-    sizes = fit
     suites = [s.strip() for s in a.suites.split(",") if s.strip()]
     for s in suites:
         if s not in SUITES:
             p.error(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
     peers = [x.strip() for x in a.peers.split(",") if x.strip()]
-    n_peers = 3 + sum(1 for p_ in ("SharedArray", "ray") if p_ in peers and _peers_available()[p_])
-    steps = (len(sizes) if "inproc" in suites else 0) + (len(sizes) * n_peers if "interproc" in suites else 0)
-    steps += sum(8 for s in sizes if s >= MiB) if "touch" in suites else 0
-    prog = Progress(steps, enabled=not a.no_progress and sys.stderr.isatty())
+    avail = _peers_available()
+    inter_methods = ["zcbuf", "shared_memory", "pickle"] + (["SharedArray"] if avail["SharedArray"] and "SharedArray" in peers else [])
+    use_ray = "interproc" in suites and "ray" in peers and avail["ray"]
+    order = [s for s in ("inproc", "interproc", "ray", "touch") if s in suites or (s == "ray" and use_ray)]
+    room = Room.now()
+    plan = make_plan(order, sizes, room, shm_methods=len(inter_methods) - 1)
+    for line in plan.skipped:
+        print(line, file=sys.stderr)
+    if not plan.sizes:
+        print(
+            f"nothing left to measure: no size of {', '.join(fmt_size(s) for s in sizes)} fits "
+            f"({SHM_DIR}: {fmt_bytes(room.shm)} free, memory: {fmt_bytes(room.ram)} available); "
+            f"ask for smaller --sizes or make room",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"argument --out: cannot create {a.out}: {e.strerror}")
+
+    info = machine()
+    meta: Dict[str, Any] = {"machine": info, "elapsed_s": 0.0, "reps": reps, "sizes": sizes,
+                            "peers_available": avail, "room": {"shm_free": room.shm, "mem_available": room.ram},
+                            "skipped": plan.skipped}
+    print(f"# zcbuf benchmark ({info.get('cpu', '?')}, {info['cpus']} CPUs, "
+          f"Python {info['python']}, NumPy {info['numpy']})", flush=True)
+    prog = Progress(plan.steps(lambda n: len(_handoff_methods(n, inter_methods))),
+                    enabled=not a.no_progress, live=sys.stderr.isatty())
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     rows: List[Row] = []
     t0 = time.perf_counter()
-    if "inproc" in suites:
-        rows += suite_inproc(sizes, reps, prog)
-    use_ray = "interproc" in suites and "ray" in peers and _peers_available()["ray"]
-    if "interproc" in suites:
-        rows += suite_interproc(sizes, reps, prog, peers)
-    if use_ray:
-        rows += suite_ray(sizes, reps, prog)
-    if "touch" in suites:
-        rows += suite_touch(sizes, reps, prog)
-    prog.close()
+    interrupted = False
+    try:
+        for suite in order:
+            sz = plan.sizes.get(suite)
+            if not sz:
+                continue
+            if suite == "inproc":
+                got = suite_inproc(sz, reps, prog)
+            elif suite == "interproc":
+                got = suite_interproc(sz, reps, prog, peers)
+            elif suite == "ray":
+                got = suite_ray(sz, reps, prog)
+            else:
+                got = suite_touch(sz, reps, prog, plan.touch_shared)
+            rows += got
+            meta["elapsed_s"] = time.perf_counter() - t0
+            meta["skipped"] = plan.skipped + prog.notes
+            _write_results(a.out, rows, meta)
+            if got:
+                with prog.quiet():
+                    print(table(got, footer=False), flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        prog.close()
+        signal.signal(signal.SIGTERM, old_term)
     elapsed = time.perf_counter() - t0
-    os.makedirs(a.out, exist_ok=True)
-    meta = {"machine": machine(), "elapsed_s": elapsed, "reps": reps, "sizes": sizes,
-            "peers_available": _peers_available()}
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["suite", "method", "size", "median_s", "p25_s", "p75_s", "reps", "note", "extra"])
-        for r in rows:
-            w.writerow([r.suite, r.method, r.size, r.median_s, r.p25_s, r.p75_s, r.reps, r.note, json.dumps(r.extra)])
-    print(f"# zcbuf benchmark ({meta['machine'].get('cpu', '?')}, {meta['machine']['cpus']} CPUs, "
-          f"Python {meta['machine']['python']}, NumPy {meta['machine']['numpy']})")
-    print(table(rows))
-    missing = [k for k, v in meta["peers_available"].items() if not v]
+    meta["elapsed_s"] = elapsed
+    meta["skipped"] = plan.skipped + prog.notes
+    if not rows:
+        print("nothing was measured" + (": interrupted" if interrupted else ": every size ran out of room"),
+              file=sys.stderr)
+        return 130 if interrupted else 1
+    js, cs = _write_results(a.out, rows, meta)
+    print("\n(± is half the interquartile range, as a percentage of the median)")
+    print("\n" + "\n".join(targets(rows)))
+    missing = [k for k, v in avail.items() if not v]
     if missing:
         print(f"\nnot installed, so not compared: {', '.join(missing)} (pip install to include)")
     png = os.path.join(a.out, "bench.png")
@@ -761,10 +1130,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nplot: {png}")
     else:
         print("\nno plot: matplotlib is not installed (pip install 'zcbuf[plot]' or matplotlib)")
-    print(f"results: {os.path.join(a.out, 'results.json')}, {os.path.join(a.out, 'results.csv')} ({elapsed:.0f} s)")
-    print("registry micro-benchmarks (acquire/release, create/free, open): cargo bench --bench registry")
+    skipped = len(meta["skipped"])
+    print(f"results: {js}, {cs} ({elapsed:.0f} s" + (f"; {skipped} skipped, see above" if skipped else "") + ")")
+    print("registry micro-benchmarks (acquire/release, create/free, open): cargo bench --bench registry", flush=True)
+    if interrupted:
+        print("interrupted: the results above are those measured so far", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
