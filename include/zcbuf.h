@@ -281,6 +281,24 @@ size_t zcbuf_last_error(char *buf, size_t cap);
 // A static, NUL-terminated name for a status code (e.g. "not found"); never NULL.
 const char *zcbuf_status_name(int32_t status);
 
+// For the Python package only (C programs never need it): records the addresses of CPython's
+// `PyObject_GetAttrString`, `PyObject_GetBuffer` and `Py_DecRef`, which
+// [`zcbuf_py_getbuffer`] calls. Returns `ZCBUF_EINVAL` for a NULL address; a second call keeps
+// the first addresses.
+//
+// # Safety
+// Each address must be the named CPython function of the interpreter this process runs.
+int32_t zcbuf_py_setup(const void *getattr, const void *getbuffer, const void *decref);
+
+// For the Python package only: a CPython `getbufferproc` (`int (PyObject *, Py_buffer *,
+// int)`) that exports `obj._export`'s buffer as `obj`'s. Returns 0, or -1 with a Python
+// exception set (by CPython) — its return value is CPython's convention, not a zcbuf status.
+//
+// # Safety
+// Called by CPython with the GIL held, `obj` a live object and `view` a `Py_buffer` to fill,
+// after [`zcbuf_py_setup`].
+int32_t zcbuf_py_getbuffer(void *obj, void *view, int32_t flags);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -5,7 +5,7 @@
 //! here: no logic beyond argument checks and conversion.
 
 use std::cell::RefCell;
-use std::ffi::{CStr, OsStr, c_char};
+use std::ffi::{CStr, OsStr, c_char, c_void};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -844,6 +844,84 @@ pub extern "C" fn zcbuf_status_name(status: i32) -> *const c_char {
         _ => c"unknown status",
     };
     s.as_ptr()
+}
+
+// -- The buffer protocol for the Python package -----------------------------------------------
+//
+// CPython before 3.12 lets only a C type export the buffer protocol (`memoryview(buf)`,
+// `pa.py_buffer(buf)`): a Python class cannot. The Python package makes a tiny base type with
+// `PyType_FromSpec` whose `bf_getbuffer` slot is `zcbuf_py_getbuffer`, which hands the request
+// on to the object's `_export` attribute (a NumPy array or memoryview holding the lease). This
+// library does not link libpython: the three CPython functions it calls are handed to it by the
+// package (from `ctypes.pythonapi`), so C users never see an unresolved symbol.
+
+type PyGetAttr = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
+type PyGetBuffer = unsafe extern "C" fn(*mut c_void, *mut c_void, i32) -> i32;
+type PyDecRef = unsafe extern "C" fn(*mut c_void);
+
+static PY_API: std::sync::OnceLock<(PyGetAttr, PyGetBuffer, PyDecRef)> = std::sync::OnceLock::new();
+
+/// For the Python package only (C programs never need it): records the addresses of CPython's
+/// `PyObject_GetAttrString`, `PyObject_GetBuffer` and `Py_DecRef`, which
+/// [`zcbuf_py_getbuffer`] calls. Returns `ZCBUF_EINVAL` for a NULL address; a second call keeps
+/// the first addresses.
+///
+/// # Safety
+/// Each address must be the named CPython function of the interpreter this process runs.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_py_setup(
+    getattr: *const c_void,
+    getbuffer: *const c_void,
+    decref: *const c_void,
+) -> i32 {
+    if getattr.is_null() || getbuffer.is_null() || decref.is_null() {
+        set_error("zcbuf_py_setup: NULL function address".into());
+        return ZCBUF_EINVAL;
+    }
+    // SAFETY: the caller guarantees each address is the CPython function of that name, whose
+    // C signature is the one transmuted to (`PyObject *`s are passed as `void *`).
+    let api = unsafe {
+        (
+            std::mem::transmute::<*const c_void, PyGetAttr>(getattr),
+            std::mem::transmute::<*const c_void, PyGetBuffer>(getbuffer),
+            std::mem::transmute::<*const c_void, PyDecRef>(decref),
+        )
+    };
+    let _ = PY_API.set(api);
+    ZCBUF_OK
+}
+
+/// For the Python package only: a CPython `getbufferproc` (`int (PyObject *, Py_buffer *,
+/// int)`) that exports `obj._export`'s buffer as `obj`'s. Returns 0, or -1 with a Python
+/// exception set (by CPython) — its return value is CPython's convention, not a zcbuf status.
+///
+/// # Safety
+/// Called by CPython with the GIL held, `obj` a live object and `view` a `Py_buffer` to fill,
+/// after [`zcbuf_py_setup`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_py_getbuffer(
+    obj: *mut c_void,
+    view: *mut c_void,
+    flags: i32,
+) -> i32 {
+    let Some(&(getattr, getbuffer, decref)) = PY_API.get() else {
+        // Unreachable through the package (it calls zcbuf_py_setup before making the type);
+        // CPython turns -1 without an exception into a SystemError.
+        return -1;
+    };
+    // SAFETY: CPython holds the GIL for us and `obj` is live; the functions are CPython's own
+    // (zcbuf_py_setup's contract). GetAttrString returns a new reference or NULL with an
+    // exception set; GetBuffer fills `view` (taking its own reference to `target` in
+    // `view->obj`) or returns -1 with an exception set; our reference is dropped either way.
+    unsafe {
+        let target = getattr(obj, c"_export".as_ptr());
+        if target.is_null() {
+            return -1;
+        }
+        let r = getbuffer(target, view, flags);
+        decref(target);
+        r
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@ Arrays hold the memory: ``buf.free()`` retires the buffer but never breaks an ar
 from __future__ import annotations
 
 from ._admin import Removed, Segment, gc, gc_report, ls, unlink
-from ._buffer import Buffer, create, empty, from_array, get, open, open_file, zeros
+from ._buffer import Buffer, create, empty, from_array, from_dlpack, get, open, open_file, zeros
+from ._share import SharedView, share
 from . import _errors
 from ._errors import (
     AlreadyExistsError,
@@ -40,6 +41,9 @@ __all__ = [
     "empty",
     "zeros",
     "from_array",
+    "from_dlpack",
+    "share",
+    "SharedView",
     "open",
     "open_file",
     "get",

@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import operator
 import os
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _dtype
 from ._errors import CorruptError, Error, InvalidArgumentError, NotFoundError, check
+from ._export import NATIVE, ExportBase
 from ._native import ffi, lib
 
-__all__ = ["Buffer", "create", "empty", "zeros", "from_array", "open", "open_file", "get"]
+__all__ = ["Buffer", "create", "empty", "zeros", "from_array", "from_dlpack", "open", "open_file", "get"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ShapeLike = Union[int, Sequence[int]]
@@ -46,6 +47,34 @@ _U8 = np.dtype(np.uint8)
 _DTYPES: "dict[bytes, np.dtype]" = {}
 
 
+class _Mem(ExportBase):  # type: ignore[misc, valid-type]
+    """The root of every array made from one lease: exports its bytes, says where they live.
+
+    Arrays made by :class:`Buffer` are built on this object (``np.frombuffer(mem)``), so
+    walking an array's ``.base`` chain ends here, and :func:`zcbuf.share` learns which segment
+    or file the array's pages belong to, and whether its buffer was freed. ``_export`` (read by the buffer
+    protocol) is the cffi buffer over the lease, read-only when the mapping is.
+    """
+
+    __slots__ = ("_export", "kind", "name", "path", "readonly", "freed")
+
+    if not NATIVE:  # pragma: no cover - not CPython: PEP 688 (3.12+) is the only route
+
+        def __buffer__(self, flags: int) -> memoryview:
+            return memoryview(self._export)
+
+
+def _root(mem: Any, kind: str, name: Optional[str], path: Optional[str], readonly: bool) -> Any:
+    r = _new_object(_Mem)
+    r._export = mem
+    r.kind = kind
+    r.name = name
+    r.path = path
+    r.readonly = readonly
+    r.freed = False  # set by Buffer.free(): views of it then refuse to be shared
+    return r
+
+
 def _release(id_: int) -> Any:
     def release(_cdata: Any) -> None:
         _rel(id_)
@@ -61,7 +90,7 @@ def _text(fn: Any, id_: int) -> str:
     return str(ffi.string(buf).decode("utf-8", "surrogateescape"))
 
 
-class Buffer:
+class Buffer(ExportBase):  # type: ignore[misc, valid-type]
     """A buffer of memory owned by zcbuf: private, shared by name, or a mapped file.
 
     A ``Buffer`` holds one lease on the memory for as long as it or any array made from it is
@@ -87,6 +116,7 @@ class Buffer:
         "_default",
         "_owned",
         "_persistent",
+        "_keep",
         "__weakref__",
     )
 
@@ -173,10 +203,18 @@ class Buffer:
             if owned:
                 _free(id_)
             raise
+        kind = info.kind
         try:
             mem: Any = _ffi_buffer(cdata, n)
             if info.readonly:
                 mem = memoryview(mem).toreadonly()
+            mem = _root(
+                mem,
+                _KIND_NAMES.get(kind, "unknown"),
+                name if kind == _SHARED else None,
+                path if kind == _FILE else None,
+                bool(info.readonly),
+            )
             if dt is not None:
                 count = 1
                 for d in shape:
@@ -193,7 +231,6 @@ class Buffer:
             if isinstance(e, Exception) and not isinstance(e, Error):
                 raise CorruptError(f"buffer {id_} cannot be viewed as its stored type: {e}") from None
             raise
-        kind = info.kind
         self._id = id_
         self._nbytes = n
         self._kind = _KIND_NAMES.get(kind, "unknown")
@@ -206,6 +243,7 @@ class Buffer:
         # The default array, made once; asarray() hands out views of it (about 0.1 µs).
         self._default: Optional[np.ndarray] = dflt
         self._mem = mem
+        self._keep = None
         self._owned = owned
 
     def __del__(self) -> None:
@@ -323,6 +361,74 @@ class Buffer:
             return a.astype(dtype)
         return a.copy() if copy else a
 
+    # -- interop: the buffer protocol, __array_interface__, DLPack -----------------------------
+    #
+    # Every export is a view of the default array, so it holds the lease: a consumer keeps the
+    # memory mapped after free(), like any array. After free() no new export is made.
+
+    @property
+    def _export(self) -> np.ndarray:
+        """What ``memoryview(buf)`` exports (read by the buffer protocol's C slot): the default
+        array — typed when the buffer is, else its bytes."""
+        d = self._default
+        if d is None:
+            raise self._freed_error()
+        return d
+
+    @property
+    def __array_interface__(self) -> Dict[str, Any]:
+        """NumPy's array interface of the default array; the consumer keeps this object (and so
+        the memory) as its base."""
+        return self._export.__array_interface__
+
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Any = None,
+        copy: Optional[bool] = None,
+    ) -> Any:
+        """Export the default array as a DLPack capsule (CPU memory).
+
+        The capsule holds the lease until its consumer deletes it, even after :meth:`free`.
+        A writable buffer is exported without a copy. A read-only buffer is exported without a
+        copy only when the consumer asks for that (``copy=False``), and then as a DLPack 1.x
+        capsule carrying the read-only flag (an unversioned request, which cannot carry it, is
+        refused with ``BufferError``); by default (``copy=None``) it is exported as a copy,
+        because some consumers ignore the flag — PyTorch does, and a write through its tensor
+        would kill the process. ``copy=True`` always copies.
+        """
+        a = self._export
+        if dl_device is not None and tuple(dl_device) != (1, 0):
+            raise BufferError(f"zcbuf memory is on the CPU (device (1, 0)), not {tuple(dl_device)}")
+        if stream is not None:
+            raise BufferError("stream must be None for CPU memory")
+        if copy is None and self._readonly:
+            copy = True  # read-only pages are lent only on an explicit copy=False
+        kw: Dict[str, Any] = {}
+        if max_version is not None:
+            kw["max_version"] = max_version
+        if copy is not None:
+            kw["copy"] = copy
+        try:
+            return a.__dlpack__(**kw)
+        except TypeError:
+            if not kw:
+                raise
+        # NumPy < 2.1: no max_version/copy; the spec lets a producer answer with a legacy
+        # (unversioned) capsule, which cannot say "read-only".
+        if copy is False and self._readonly:
+            raise BufferError(
+                "a read-only buffer is lent through DLPack only with its read-only flag, which "
+                "this NumPy cannot set (it needs NumPy >= 2.1); use copy=None, or buf.asarray()"
+            )
+        return (a.copy() if copy else a).__dlpack__()
+
+    def __dlpack_device__(self) -> Tuple[int, int]:
+        """``(1, 0)``: DLPack's CPU device."""
+        return (1, 0)
+
     def _freed_error(self) -> NotFoundError:
         return NotFoundError(
             f"buffer {self._id} was freed: arrays made before stay valid, but no new ones "
@@ -342,8 +448,13 @@ class Buffer:
         """
         # No lock: two threads racing here both call zcbuf_free; the loser gets "not found",
         # which is ignored below, so free stays idempotent.
-        if self._mem is None:
+        mem = self._mem
+        if mem is None:
             return
+        # The object keeps the memory while it lives (a raw-pointer consumer such as
+        # ``pa.foreign_buffer(addr, n, base=buf)`` relies on that); only the id goes now.
+        self._keep = mem
+        mem.freed = True
         self._mem = None
         self._default = None
         self._owned = False
@@ -364,6 +475,13 @@ class Buffer:
         self.free()
 
     def __reduce__(self) -> Any:
+        if self._mem is None:
+            # Refused here, in the sender: a handle that cannot be opened would otherwise fail
+            # in the receiver, where multiprocessing.Pool hangs and ProcessPoolExecutor breaks.
+            raise NotFoundError(
+                f"buffer {self._id} was freed: it cannot be sent to another process (its name "
+                "may be gone before the receiver opens it); send it before free()"
+            )
         if self._kind == "shared":
             return (_reopen_shared, (self._name, self._readonly))
         if self._kind == "file":
@@ -530,11 +648,15 @@ def from_array(
 ) -> Buffer:
     """A new typed buffer holding a copy of ``array`` (one copy, to share it from then on).
 
+    ``array`` is anything NumPy can view without a copy: an ndarray, a buffer-protocol object
+    (``memoryview``, ``bytes``, a pyarrow buffer), an ``__array_interface__`` or a DLPack
+    producer on the CPU (a torch tensor, a JAX or CuPy-on-host array), or a nested sequence.
+
     >>> buf = zcbuf.from_array(np.arange(6.0).reshape(2, 3), shared=True)
     >>> zcbuf.open(buf.name).asarray()[1, 2]
     5.0
     """
-    a = np.asarray(array)
+    a = _as_ndarray(array)
     buf = empty(a.shape, a.dtype, shared=shared, name=name, path=path, persist=persist)
     try:
         np.copyto(buf.asarray(), a)
@@ -542,6 +664,50 @@ def from_array(
         buf.free()
         raise
     return buf
+
+
+def _as_ndarray(x: Any) -> np.ndarray:
+    """``x`` as an ndarray, through DLPack first when it speaks it (a torch tensor that
+    requires grad, for one, refuses ``__array__`` but exports DLPack)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__dlpack__") and not isinstance(x, Buffer):
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, TypeError, RuntimeError, ValueError):
+            pass  # not on the CPU, or a dtype DLPack cannot carry: NumPy's other routes
+    return np.asarray(x)
+
+
+def from_dlpack(
+    x: Any,
+    *,
+    shared: bool = False,
+    name: Optional[str] = None,
+    path: Optional[PathLike] = None,
+    persist: bool = False,
+) -> Buffer:
+    """A new typed buffer holding a copy of the DLPack producer ``x`` (a torch tensor, a NumPy
+    or JAX array, another Buffer...), read once through ``x.__dlpack__()`` without an
+    intermediate copy. The options are those of :func:`from_array`.
+
+    zcbuf owns the memory of its buffers, so importing is one copy; from then on the buffer is
+    shared without copies (``torch.from_dlpack(buf)`` views it again).
+
+    >>> t = torch.arange(6.0).reshape(2, 3)
+    >>> buf = zcbuf.from_dlpack(t, shared=True)
+    >>> zcbuf.open(buf.name).asarray()[1, 2]
+    5.0
+    """
+    if not hasattr(x, "__dlpack__"):
+        raise InvalidArgumentError(
+            f"{type(x).__name__} does not speak DLPack (no __dlpack__): use zcbuf.from_array"
+        )
+    try:
+        a = np.from_dlpack(x)
+    except (BufferError, TypeError, RuntimeError) as e:
+        raise InvalidArgumentError(f"cannot read {type(x).__name__} through DLPack: {e}") from None
+    return from_array(a, shared=shared, name=name, path=path, persist=persist)
 
 
 def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the contract's name
@@ -575,7 +741,7 @@ def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the co
     b._owned = False
     b._mem = None
     try:
-        mem = _ffi_buffer(_gc(out.ptr, _release(id_)), n)
+        mem = _root(_ffi_buffer(_gc(out.ptr, _release(id_)), n), "shared", name, None, False)
         b._default = _frombuffer(mem, _U8)
     except BaseException:  # (MemoryError): the cdata's collection gives the lease back
         _free(id_)
@@ -590,6 +756,7 @@ def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the co
     b._dtype = None
     b._shape = None
     b._mem = mem
+    b._keep = None
     b._owned = True
     return b
 

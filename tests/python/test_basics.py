@@ -64,6 +64,11 @@ def test_free_keeps_arrays_and_unmaps_after_last_view():
     assert sl[0] == 9
     del sl
     gc.collect()
+    # The Buffer object itself keeps the memory while it lives, even freed (a raw-pointer
+    # consumer such as pa.foreign_buffer(addr, n, base=buf) relies on it).
+    assert mappings_of(name) >= 1
+    del buf
+    gc.collect()
     assert mappings_of(name) == 0
     assert not os.path.exists(f"/dev/shm/{name}")  # the last unmap removed the name
 
