@@ -34,11 +34,12 @@ fn check_room(dir: &Path, path: &Path, total: u64) -> Result<()> {
     let free = s.f_bavail.saturating_mul(s.f_frsize);
     if total > free {
         return Err(Error::OutOfMemory(format!(
-            "{} needs {}; its file system has {} free (measured before creating anything, so \
-             nothing was created): make room there, put the file elsewhere, or ask for less",
+            "the file system of {} has {} free; {} requested (measured before creating \
+             anything, so nothing was created): make room there, put the file elsewhere, or ask \
+             for less",
             path.display(),
-            human(total),
-            human(free)
+            human(free),
+            human(total)
         )));
     }
     Ok(())

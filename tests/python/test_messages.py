@@ -117,7 +117,7 @@ def test_out_of_space(tmp_path) -> None:
         zcbuf.OutOfMemoryError,
         "huge.zcbuf",
     )
-    assert " free " in msg
+    assert " free; 1.0 TiB requested" in msg, msg
 
 
 def _run(code: str, *, as_nobody: bool = False, wrap: str = "") -> subprocess.CompletedProcess:
