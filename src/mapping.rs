@@ -168,7 +168,17 @@ pub(crate) fn human(n: u64) -> String {
 fn reserve(file: &File, total: u64, where_: &str, remedy: &str) -> Result<()> {
     match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, total) {
         Ok(()) => Ok(()),
-        Err(rustix::io::Errno::NOSPC) | Err(rustix::io::Errno::FBIG) => {
+        Err(rustix::io::Errno::FBIG) => {
+            // Not a lack of space: a file-size limit (RLIMIT_FSIZE, or the file system's own
+            // maximum file size). Saying "X free" here would send the user the wrong way.
+            Err(Error::OutOfMemory(format!(
+                "{where_}: {} is over the largest file this process may make there (the file \
+                 size limit, ulimit -f, or the file system's maximum): raise the limit or ask \
+                 for less",
+                human(total)
+            )))
+        }
+        Err(rustix::io::Errno::NOSPC) => {
             let free = free_bytes(file)
                 .map(human)
                 .unwrap_or_else(|| "unknown".into());

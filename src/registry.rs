@@ -320,14 +320,29 @@ impl Registry {
 
     /// Takes a lease as a guard that releases it when dropped.
     pub fn lease(&self, id: u64) -> Result<Lease<'_>> {
-        let (ptr, len, readonly) = self.acquire_entry(id)?;
+        let mapped = self.lease_entry(id)?;
         Ok(Lease {
             reg: self,
             id,
-            ptr,
-            len,
-            readonly,
+            ptr: mapped.data_ptr(),
+            len: mapped.len(),
+            readonly: mapped.readonly(),
+            mapped,
         })
+    }
+
+    /// Takes one lease on `id` and a reference to its mapping (which the guards keep, so that
+    /// no sequence of unbalanced [`Registry::release`] calls can unmap memory under them).
+    fn lease_entry(&self, id: u64) -> Result<Arc<Mapped>> {
+        let mut map = self.shard(id);
+        match map.get_mut(&id) {
+            Some(e) if e.exclusive && !e.retired => Err(exclusive_error(id)),
+            Some(e) if !e.retired => {
+                e.leases += 1;
+                Ok(Arc::clone(&e.mapped))
+            }
+            _ => Err(not_found(id)),
+        }
     }
 
     /// Retires `id` at once: later calls on it fail with not-found. The memory is unmapped when
@@ -406,17 +421,7 @@ impl Registry {
     /// assert_eq!(&t.join().unwrap(), b"thread");
     /// ```
     pub fn lease_owned(&'static self, id: u64) -> Result<OwnedLease> {
-        let mapped = {
-            let mut map = self.shard(id);
-            match map.get_mut(&id) {
-                Some(e) if e.exclusive && !e.retired => return Err(exclusive_error(id)),
-                Some(e) if !e.retired => {
-                    e.leases += 1;
-                    Arc::clone(&e.mapped)
-                }
-                _ => return Err(not_found(id)),
-            }
-        };
+        let mapped = self.lease_entry(id)?;
         Ok(OwnedLease::new(self, id, mapped))
     }
 
@@ -471,6 +476,10 @@ pub struct Lease<'a> {
     ptr: NonNull<u8>,
     len: usize,
     readonly: bool,
+    /// Keeps the memory mapped while the guard lives, whatever else is done to the id's count
+    /// (an unbalanced `release` elsewhere cannot unmap it); dropped after the release.
+    #[allow(dead_code)]
+    mapped: Arc<Mapped>,
 }
 
 impl Lease<'_> {
@@ -535,7 +544,8 @@ impl Lease<'_> {
 }
 
 impl Drop for Lease<'_> {
-    /// Policy: releases the lease; a buffer freed meanwhile is unmapped now if this was its last.
+    /// Policy: releases the lease, then drops the guard's reference to the mapping; a buffer
+    /// freed meanwhile is unmapped now if this was the last of both.
     fn drop(&mut self) {
         let _ = self.reg.release(self.id);
     }

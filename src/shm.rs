@@ -359,7 +359,12 @@ fn replace_unheld(dir: BorrowedFd<'_>, name: &str) -> Result<()> {
     let st = rustix::fs::fstat(&fd).map_err(|e| Error::from_errno(&format!("stat {name:?}"), e))?;
     let parsed = match inspect_header(fd.as_fd(), &st, name) {
         Ok(p) => p,
-        Err(e) => return exists(format!("is not a zcbuf segment this zcbuf can judge ({e})")),
+        Err(e) => {
+            return exists(format!(
+                "is not a zcbuf segment this zcbuf can judge ({})",
+                e.message()
+            ));
+        }
     };
     if parsed.persistent {
         return exists(

@@ -600,3 +600,23 @@ fn fifo_and_unpublished_headers_are_refused_without_hanging() {
     assert!(t.elapsed() < std::time::Duration::from_millis(200));
     zcbuf::shm::unlink(&name).unwrap();
 }
+
+#[test]
+fn a_borrowed_lease_survives_unbalanced_releases() {
+    // `Registry::release` is safe to call; one call too many (someone else's bug) must not unmap
+    // memory under a live `Lease` guard: the guard holds the mapping itself.
+    let reg = Registry::global();
+    let name = format!("zcbuf-test-unbalanced-{}", std::process::id());
+    let id = reg.create_shared(Some(&name), 4096, &opts()).unwrap();
+    let lease = reg.lease(id).unwrap();
+    reg.free(id).unwrap();
+    reg.release(id).unwrap(); // not ours to give back: the registry entry goes
+    assert!(maps_mention(&name), "unmapped under a live Lease");
+    lease.write_at(100, b"still here").unwrap();
+    let mut back = [0u8; 10];
+    lease.read_at(100, &mut back).unwrap();
+    assert_eq!(&back, b"still here");
+    drop(lease);
+    assert!(!maps_mention(&name));
+    assert!(!shm_exists(&name));
+}

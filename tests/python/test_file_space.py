@@ -51,6 +51,8 @@ def test_failed_reservation_leaves_no_file(tmp_path) -> None:
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.startswith("OutOfMemoryError"), p.stdout
+    # A size limit is not a lack of space: the message names the limit, not the free space.
+    assert "file size limit" in p.stdout and " free;" not in p.stdout, p.stdout
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
 
