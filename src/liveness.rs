@@ -124,7 +124,7 @@ pub(crate) fn lock_name(fd: BorrowedFd<'_>, what: &dyn std::fmt::Display) -> Res
 }
 
 /// `fcntl(F_OFD_SETLK)` on one byte; `Ok(false)` when another open file holds a conflicting lock.
-fn ofd_lock(fd: BorrowedFd<'_>, byte: i64, ty: i16) -> Result<bool> {
+pub(crate) fn ofd_lock(fd: BorrowedFd<'_>, byte: i64, ty: i16) -> Result<bool> {
     loop {
         // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -143,6 +143,30 @@ fn ofd_lock(fd: BorrowedFd<'_>, byte: i64, ty: i16) -> Result<bool> {
             Some(Errno::AGAIN) | Some(Errno::ACCESS) => return Ok(false),
             Some(e) => return Err(Error::from_errno("lock a segment's name (fcntl)", e)),
             None => return Err(Error::Io("fcntl(F_OFD_SETLK) failed".into())),
+        }
+    }
+}
+
+/// `fcntl(F_OFD_GETLK)` on one byte: whether another open file holds a lock on it (a role
+/// lock: a channel's publisher or a subscriber slot). Never waits.
+pub(crate) fn ofd_locked_by_other(fd: BorrowedFd<'_>, byte: i64) -> Result<bool> {
+    loop {
+        // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = byte;
+        fl.l_len = 1;
+        // SAFETY: `fd` is a valid open descriptor for the duration of the call (borrowed), and
+        // `fl` is a valid, initialised `struct flock` that F_OFD_GETLK reads and overwrites.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        if r == 0 {
+            return Ok(fl.l_type != libc::F_UNLCK as i16);
+        }
+        match Errno::from_io_error(&std::io::Error::last_os_error()) {
+            Some(Errno::INTR) => continue,
+            Some(e) => return Err(Error::from_errno("test a channel role lock (fcntl)", e)),
+            None => return Err(Error::Io("fcntl(F_OFD_GETLK) failed".into())),
         }
     }
 }

@@ -373,6 +373,11 @@ impl Mapped {
     }
 
     /// Attaches this process's hold on the segment; it is released after the mapping is gone.
+    /// Shared buffers: this process's hold on the segment (its open file).
+    pub(crate) fn hold(&self) -> Option<&Arc<Hold>> {
+        self.hold.as_ref()
+    }
+
     pub(crate) fn set_hold(&mut self, hold: Arc<Hold>) {
         self.hold = Some(hold);
     }
