@@ -192,10 +192,15 @@ def foreign_lockers(seg: Optional[zcbuf.Segment], ours: Set[int]) -> Optional[st
 
 
 def drop(*bufs: Optional[zcbuf.Buffer]) -> None:
+    """Free ``bufs``: their ids go at once, but each Buffer object keeps its mapping (and with
+    it this process's hold on the segment) for as long as it lives. So every caller also lets
+    go of its own references right after, ``drop(b); del b`` (or ``b = None``, or clears the
+    field that held it), before it expects the hold or the name to be gone. (A Buffer is in no
+    reference cycle: the last reference going unmaps it at once.)"""
     for b in bufs:
         if b is not None:
             b.free()
-    _pygc.collect()  # nothing of ours may keep a mapping (and with it the hold) alive
+    _pygc.collect()  # nothing of ours (an array in a cycle) may keep a mapping alive
 
 
 def unlink_ours() -> None:
@@ -327,6 +332,7 @@ def run_close_while_held(native: Native, name: str, strace_args: List[str]) -> O
                            capture_output=True, text=True, timeout=60)
     except BaseException:
         drop(b)
+        del b
         raise
     return Outcome(p.returncode, held_by_us=b, stderr=p.stderr, pids=traced_pids(strace_args))
 
@@ -356,6 +362,7 @@ def run_close_last_holder(native: Native, name: str, strace_args: List[str]) -> 
         finish(p)
         if b is not None:
             drop(b)  # it died while opening: we were, and now stop being, the last holder
+            b = None
     return Outcome(rc, ready=ready, stderr=err, pids=traced_pids(strace_args))
 
 
@@ -542,6 +549,7 @@ def _dry_run(native: Native, scenario: str) -> DryRun:
             assert exists(name), f"{name} went when the other process freed it, though we hold it"
     finally:
         drop(out.held_by_us)
+        out.held_by_us = None
     assert not exists(name), f"{name} left behind after its last holder freed it"
     text = trace.read_text()
     d = DryRun(scenario, name, parse_dry(text, name, INITIAL[scenario]))
@@ -592,6 +600,7 @@ def fresh_create_then_gone(name: str, ours: Set[int] = frozenset()) -> None:
         del a
     finally:
         drop(b)
+        del b
     assert not exists(name), f"{name} still exists after its only holder freed it"
 
 
@@ -653,6 +662,7 @@ def _open_leftover(name: str, data_ok: Callable[[np.ndarray], bool], ours: Set[i
         del a
     finally:
         drop(b)
+        del b
     if exists(name):
         who = interference(name, ours)
         if who:
@@ -727,9 +737,11 @@ def kill_once(native: Native, d: DryRun, step: Step, method: str) -> bool:
                 assert not dead, f"a dead holder is listed: {seg}"
             finally:
                 drop(b2)
+                del b2
             assert exists(name), f"{name} removed while our first handle still holds it"
             out.held_by_us = None
             drop(b)
+            del b
             assert not exists(name), f"{name} left after its last holder (us) freed it"
             return False
         if scenario == "close_last_holder" and not out.ready:
@@ -747,6 +759,7 @@ def kill_once(native: Native, d: DryRun, step: Step, method: str) -> bool:
             f"{scenario}: {cmd}\n    killed before: {step.line}\n    {e}") from None
     finally:
         drop(out.held_by_us)
+        out.held_by_us = None
 
 
 def run_matrix(native: Native, scenario: str, syscall: str) -> None:
@@ -836,6 +849,7 @@ def test_create_waits_for_a_remover_instead_of_already_exists(native):
     finally:
         release.join()
     drop(b)
+    del b
     assert not exists(name)
 
 
@@ -908,6 +922,7 @@ def test_crash_step_modes_work(native):
                 assert data_ok_pattern(b.asarray())
             finally:
                 drop(b)
+                b = None
     assert not exists(name)
     b = make_patterned(name)
     h = popen(native, [native.crash_step, "hold", name])

@@ -90,6 +90,8 @@ def test_sigkill_creator_survivor_keeps_data_and_name_until_it_frees():
     mine.free()
     assert shm_exists(name), "the array still maps it: still held"
     del arr
+    assert shm_exists(name), "the freed Buffer object still maps it: still held"
+    del mine
     assert not shm_exists(name), "last holder unmapped: name removed"
 
 
@@ -101,6 +103,7 @@ def test_sigkill_opener():
     assert holders(buf.name) == (True, {os.getpid()})
     name = buf.name
     buf.free()  # the dead opener does not keep the name
+    del buf  # (the Buffer object keeps its mapping, our hold, while it lives)
     assert not shm_exists(name)
 
 
@@ -113,6 +116,7 @@ def test_sigkill_process_holding_only_arrays():
     assert c.reply == ["9"]
     assert holders(name) == (True, {os.getpid(), c.p.pid})
     buf.free()
+    del buf  # the creator lets go entirely (the Buffer object kept its mapping while it lived)
     assert shm_exists(name), "the worker's array holds it"
     out = run_py("import sys, zcbuf; print(int(zcbuf.open(sys.argv[1]).asarray()[15]))", name)
     assert out.split() == ["9"]
@@ -236,6 +240,7 @@ def test_full_dev_shm_and_disk_are_memory_errors_never_sigbus(tmp_path):
                 pass
             assert int(b.asarray()[::4096].sum()) == (12 << 20) // 4096
             b.free()
+            del b  # the Buffer object keeps its mapping (and the name) while it lives
         print("ok", [n for n in os.listdir("/dev/shm")])
         """
     )

@@ -364,6 +364,8 @@ while True:
     c = cmd()
     if c == "free":
         b.free()
+        del b            # the Buffer object keeps its mapping (the hold) while it lives
+        gc.collect()
         say("freed", os.path.exists("/dev/shm/" + name))
     elif c == "exit":
         sys.exit(0)
@@ -541,6 +543,7 @@ say("ready", os.getpid())
 c = cmd()
 if c == "free":
     b.free()
+    del b                 # the Buffer object keeps its mapping (the hold) while it lives
     gc.collect()
     say("freed", os.path.exists("/dev/shm/" + name))
     sys.stdin.read()      # until the test closes our stdin; then exit normally
@@ -558,6 +561,7 @@ def test_creator_in_another_pid_namespace_holder_outside(env, mount_proc, end):
     mine = zcbuf.open(name)
     a = mine.asarray()
     mine.free()
+    del mine  # from here on this process holds it through the array only
     s = seg_until(name, lambda s: s.held and set(s.holders) == {inner, os.getpid()})
     assert s.creator_pid == 1 and s.held and set(s.holders) == {inner, os.getpid()}, s
 
@@ -846,13 +850,18 @@ def test_unlink_then_recreate_old_holder_free_keeps_new(env, new, forked):
 # 4. fork
 
 
-def _fork_own_open(conn, buf, order):
+def _fork_own_open(conn, box, order):
+    # `box` holds this process's only reference to the inherited Buffer object (which keeps
+    # its mapping while it lives): popping it lets the child drop the inherited handle entirely.
+    buf = box.pop()
     name = buf.name
     if order == "open-then-free":
         own = zcbuf.open(name)
         buf.free()
+        del buf
     else:
         buf.free()
+        del buf
         own = zcbuf.open(name)
     conn.send("ready")
     conn.recv()
@@ -861,6 +870,7 @@ def _fork_own_open(conn, buf, order):
     conn.recv()
     del a
     own.free()
+    del own
     collect()
     conn.send(exists(name))
     conn.recv()
@@ -874,16 +884,20 @@ def _recv(conn, timeout=30):
 @pytest.mark.parametrize("order", ["open-then-free", "free-then-open"])
 def test_fork_child_with_own_open_outlives_parent(env, order):
     name = env.name()
-    buf = zcbuf.empty((100,), "u1", name=name)
-    buf.asarray()[:] = 3
+    # Kept in `box` only, never in a local of this frame: the fork child has a copy of this
+    # frame, and must be able to drop every reference to the Buffer object it inherits.
+    box = [zcbuf.empty((100,), "u1", name=name)]
+    box[0].asarray()[:] = 3
     ctx = mp.get_context("fork")
     mine, theirs = ctx.Pipe()
-    p = ctx.Process(target=_fork_own_open, args=(theirs, buf, order), daemon=True)
+    p = ctx.Process(target=_fork_own_open, args=(theirs, box, order), daemon=True)
     p.start()
     env.mp_procs.append(p)
+    buf = box.pop()
     assert _recv(mine) == "ready"
 
     buf.free()
+    del buf
     collect()
     assert my_maps(name) == []
     assert exists(name), "the forked child holds it"
@@ -899,31 +913,38 @@ def test_fork_child_with_own_open_outlives_parent(env, order):
     assert p.exitcode == 0
 
 
-def _fork_child_frees_first(conn, buf):
+def _fork_child_frees_first(conn, box):
+    buf = box.pop()  # this process's only reference to the inherited Buffer object
+    name = buf.name
     a = buf.asarray()
     conn.send(int(a.sum()))
     del a
     buf.free()
+    del buf
     collect()
-    conn.send(exists(buf.name))
+    conn.send(exists(name))
 
 
 def test_fork_child_leaves_first_parent_still_removes_name_last(env):
     """After a fork, the parent's own close protocol (reopen the name, try exclusive) works."""
     name = env.name()
-    buf = zcbuf.empty((100,), "u1", name=name)
-    buf.asarray()[:] = 4
+    # Kept in `box` only, never in a local of this frame: the fork child has a copy of this
+    # frame, and must be able to drop every reference to the Buffer object it inherits.
+    box = [zcbuf.empty((100,), "u1", name=name)]
+    box[0].asarray()[:] = 4
     ctx = mp.get_context("fork")
     mine, theirs = ctx.Pipe()
-    p = ctx.Process(target=_fork_child_frees_first, args=(theirs, buf), daemon=True)
+    p = ctx.Process(target=_fork_child_frees_first, args=(theirs, box), daemon=True)
     p.start()
     env.mp_procs.append(p)
+    buf = box.pop()
     assert _recv(mine) == 400
     assert _recv(mine) is True, "the parent still holds it: the child's free must not remove it"
     p.join(30)
     assert p.exitcode == 0
     assert exists(name) and int(buf.asarray().sum()) == 400
     buf.free()
+    del buf
     collect()
     assert not exists(name), "the parent was the last holder"
 
@@ -947,16 +968,17 @@ def _fork_inherited_array(conn, box, end):
 @pytest.mark.parametrize("end", ["drop", "exit"])
 def test_fork_child_keeping_only_inherited_array_holds(env, end):
     name = env.name()
-    buf = zcbuf.empty((100,), "u1", name=name)
-    arr = buf.asarray()
-    arr[:] = 5
-    box = [buf, arr]
-    del arr
+    # Kept in `box` only, never in a local of this frame: the fork child has a copy of this
+    # frame, and must be able to drop every reference to the Buffer object it inherits.
+    box = [zcbuf.empty((100,), "u1", name=name)]
+    box.append(box[0].asarray())
+    box[1][:] = 5
     ctx = mp.get_context("fork")
     mine, theirs = ctx.Pipe()
     p = ctx.Process(target=_fork_inherited_array, args=(theirs, box, end), daemon=True)
     p.start()
     env.mp_procs.append(p)
+    buf = box[0]
     box.clear()
     assert _recv(mine) == "ready"
 
@@ -1028,6 +1050,7 @@ for i in range(3):
             if b.nbytes <= 0 or b.nbytes % (1 << 20):
                 res["bad"].append(f"{name}: opened {b.nbytes} bytes")
             b.free()
+            del b            # the Buffer object keeps its mapping (the hold) while it lives
             if os.path.exists(path):
                 res["bad"].append(f"{name}: still there after its only holder freed it")
         b = zcbuf.create(4096, name=name)   # replaces an unheld leftover
@@ -1035,6 +1058,7 @@ for i in range(3):
         if os.stat(path).st_size >= 1 << 20:
             res["bad"].append(f"{name}: the name does not name the new segment")
         b.free()
+        del b
         if os.path.exists(path):
             res["bad"].append(f"{name}: new segment still there after its only holder freed it")
     except Exception as e:
@@ -1085,6 +1109,7 @@ while time.monotonic() < deadline:
     a[0] = a[-1] = 1
     del a
     b.free()
+    del b            # the Buffer object keeps its mapping (the hold) while it lives
     made += 1
 say(json.dumps({"made": made, "refused": refused}))
 """
@@ -1108,6 +1133,7 @@ while time.monotonic() < deadline:
         res["bad"].append(f"nbytes {b.nbytes}")
     res["ok"] += 1
     b.free()
+    del b            # the Buffer object keeps its mapping (the hold) while it lives
 say(json.dumps(res))
 """
 
@@ -1143,6 +1169,7 @@ os.truncate("/dev/shm/" + name, size)
 say("truncated")
 cmd()
 b.free()      # never touches the (now missing) pages
+del b         # nor does the unmap (the Buffer object keeps its mapping while it lives)
 gc.collect()
 say("freed", os.path.exists("/dev/shm/" + name))
 """
@@ -1231,6 +1258,7 @@ def test_create_of_held_name_names_the_holders(env):
     msg = refusal([w.pid, os.getpid()])
     assert str(w.pid) in msg and str(os.getpid()) in msg, msg
     buf.free()
+    del buf
     collect()
     msg = refusal([w.pid])
     assert str(w.pid) in msg, msg
@@ -1313,7 +1341,7 @@ for i in range(n):
             os.read(r, 1)
             code = 0 if a[i] == i + 1 else 1
             b.free()
-            del a
+            del b, a     # the Buffer object keeps its mapping (the hold) while it lives
         finally:
             os._exit(code)
     os.close(r)
@@ -1323,7 +1351,7 @@ while got < n:
     got += len(os.read(ready_r, n - got))
 if mode == "inherit":
     b.free()
-    del a
+    del b, a
 say(json.dumps([pid for pid, _ in kids]))
 cmd()
 gone_early, bad = [], []
@@ -1352,6 +1380,7 @@ def test_thousand_holder_processes(env, mode):
     if mode == "open":
         assert set(pids) <= set(s.holders) and len(s.holders) >= n, len(s.holders)
     buf.free()
+    del buf
     collect()
     assert my_maps(name) == []
     assert exists(name), "the children hold it"
@@ -1426,6 +1455,7 @@ def test_cli_ls_shows_holder_pid(env):
     w = env.spawn(ARRAY_ONLY, name, "free")
     json.loads(w.recv())
     buf.free()
+    del buf  # the Buffer object keeps its mapping (our hold) while it lives
     collect()
     for _ in range(5):  # the pids come from /proc/locks: see seg_until
         p = subprocess.run([sys.executable, "-m", "zcbuf", "ls"], capture_output=True, text=True, timeout=60)
@@ -1463,6 +1493,7 @@ def test_ls_sees_holders_while_other_locks_churn(env, tmp_path):
     w = env.spawn(ARRAY_ONLY, name, "free")
     json.loads(w.recv())
     buf.free()
+    del buf  # the Buffer object keeps its mapping (our hold) while it lives
     collect()
     churn = env.spawn(LOCK_CHURN, str(tmp_path), "1500", "3")
     assert churn.recv() == "ready"
@@ -1536,6 +1567,7 @@ res = {"opened": len(bufs), "err": err}
 if err:
     for b in bufs[:5]:
         b.free()
+        del b        # the Buffer object keeps its mapping (and descriptor) while it lives
     del bufs[:5]
     gc.collect()
     more = [zcbuf.open(names[i]) for i in range(err[0], err[0] + 3)]
@@ -1563,6 +1595,7 @@ def test_rlimit_nofile_opens(env):
     assert sorted(n for n in os.listdir(SHM) if n.startswith(env.prefix)) == sorted(names)
     for b in bufs:
         b.free()
+    del b, bufs  # the Buffer objects keep their mappings (our holds) while they live
     assert [n for n in os.listdir(SHM) if n.startswith(env.prefix)] == []
 
 
@@ -1583,13 +1616,16 @@ res = {"created": len(bufs), "err": err,
 if err:
     for b in bufs[:5]:
         b.free()
+        del b        # the Buffer object keeps its mapping (and descriptor) while it lives
     del bufs[:5]
     gc.collect()
     more = [zcbuf.create(4096, name=f"{prefix}more{j}") for j in range(3)]
     res["more"] = [b.nbytes for b in more]
     bufs += more
+    del more
 for b in bufs:
     b.free()
+    del b
 del bufs
 gc.collect()
 res["after"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
@@ -1693,6 +1729,7 @@ def test_hostile_lock_gives_timeout_not_hang(env, lock):
     name = env.name("hostile")
     b = zcbuf.create(4096, name=name, persist=True)  # unheld but kept: the hostile can lock it
     b.free()
+    del b  # (the Buffer object keeps its mapping, our hold, while it lives)
     try:
         h = env.spawn(HOSTILE_FLOCK if lock == "flock-exclusive" else HOSTILE_OFD, name)
         assert h.recv() == "ready"

@@ -72,6 +72,7 @@ def test_an_open_that_fails_after_its_hold_still_lets_the_name_go():
             time.sleep(0.02)
         assert len(holders_of(name)) == 2, "the opener never took its hold"
         buf.free()
+        del buf  # the Buffer object keeps its mapping (our hold) while it lives
         assert exists(name), "the opener holds it"
         assert o.communicate(timeout=30)[0].split() == ["refused"]
         assert not exists(name), "every mapper is gone: the name must be too"
@@ -204,6 +205,7 @@ def test_ls_never_takes_the_exclusive_lock():
             # create + free in this process, racing the lister
             b = zcbuf.create(4096, name=n)
             b.free()
+            del b  # the Buffer object keeps its mapping (our hold) while it lives
             if exists(n):
                 left += 1
                 zcbuf.unlink(n)

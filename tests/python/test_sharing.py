@@ -97,6 +97,8 @@ def test_spawn_pool_with_pickled_handles():
     buf.free()
     assert os.path.exists(f"/dev/shm/{name}"), "our array still maps it"
     del a
+    assert os.path.exists(f"/dev/shm/{name}"), "the freed Buffer object still maps it"
+    del buf
     assert not os.path.exists(f"/dev/shm/{name}"), "workers and parent all left: name removed"
 
 
@@ -112,6 +114,7 @@ def test_name_survives_creator_free_while_other_process_holds_it():
             sys.stdin.readline()
             print(os.path.exists("/dev/shm/" + sys.argv[1]), int(b.asarray().sum()), flush=True)
             b.free()
+            del b  # the Buffer object keeps its mapping (the hold) while it lives
             print(os.path.exists("/dev/shm/" + sys.argv[1]), flush=True)
             """), name],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -119,6 +122,7 @@ def test_name_survives_creator_free_while_other_process_holds_it():
     assert p.stdout.readline().strip() == "opened"
     buf.asarray()[:] = 2
     buf.free()
+    del buf  # the creator lets go entirely (the Buffer object kept its mapping)
     assert os.path.exists(f"/dev/shm/{name}"), "a live holder keeps the name"
     p.stdin.write("go\n")
     p.stdin.flush()
@@ -145,30 +149,37 @@ def test_shapes_and_dtypes_round_trip_in_process(shape, code):
     buf.free()
 
 
-def _fork_child(name, inherited_buf, q_in, q_out):
+def _fork_child(name, box, q_in, q_out):
     b = zcbuf.open(name)
-    inherited_buf.free()  # gives up the inherited handle: the child still holds through `b`
+    # Gives up the inherited handle (box holds this process's only reference to the inherited
+    # Buffer object, which keeps its mapping while it lives): the child still holds through `b`.
+    inherited_buf = box.pop()
+    inherited_buf.free()
+    del inherited_buf
     q_out.put([(s.held, os.getpid() in s.holders) for s in zcbuf.ls() if s.name == name])
     q_in.get()  # the parent has freed its handle
     q_out.put((os.path.exists(f"/dev/shm/{name}"), int(b.asarray().sum())))
     b.free()
+    del b
     q_out.put(os.path.exists(f"/dev/shm/{name}"))
 
 
 def test_fork_children_are_holders_of_their_own():
     """A forked child that frees the Buffer it inherited still holds the segment through its own
     open; the parent's free then keeps the name; the child, last, removes it."""
-    buf = zcbuf.empty((100,), "u1", shared=True)
-    buf.asarray()[:] = 1
+    # The buffer is kept only in `box`, never in a local of this frame: a fork child has a copy
+    # of this frame, and must be able to let go of every reference to the Buffer it inherited.
+    box = [zcbuf.empty((100,), "u1", shared=True)]
+    box[0].asarray()[:] = 1
+    name = box[0].name
     inherited = zcbuf.create(64, shared=True)  # the child inherits this handle and never frees it
     ctx = mp.get_context("fork")
     q_in, q_out = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_fork_child, args=(buf.name, buf, q_in, q_out), daemon=True)
+    p = ctx.Process(target=_fork_child, args=(name, box, q_in, q_out), daemon=True)
     p.start()
     try:
         assert q_out.get(timeout=30) == [(True, True)], "the child holds it under its own pid"
-        name = buf.name
-        buf.free()
+        box.pop().free()  # and no reference to the Buffer object is left here
         assert os.path.exists(f"/dev/shm/{name}"), "the forked child still holds it"
         q_in.put("go")
         assert q_out.get(timeout=30) == (True, 100)
@@ -184,4 +195,5 @@ def test_fork_children_are_holders_of_their_own():
     assert seg and seg[0].held and seg[0].holders == (os.getpid(),)
     name = inherited.name
     inherited.free()
+    del inherited  # the Buffer object keeps its mapping (our hold) while it lives
     assert not os.path.exists(f"/dev/shm/{name}")
