@@ -29,8 +29,11 @@ pub enum Error {
     Io(String),
     /// A bug in zcbuf (a caught panic, a poisoned lock). Please report it.
     Internal(String),
-    /// A bounded wait ran out (a lock another process held for too long).
+    /// A bounded wait ran out (a lock another process held for too long, a channel's timeout).
     Timeout(String),
+    /// A channel's stream ended: its publisher closed it or died, and every message sent before
+    /// was received.
+    Closed(String),
 }
 
 /// Shorthand for results in this crate.
@@ -50,6 +53,7 @@ impl Error {
             Error::Io(_) => 8,
             Error::Internal(_) => 9,
             Error::Timeout(_) => 10,
+            Error::Closed(_) => 11,
         }
     }
 
@@ -65,7 +69,8 @@ impl Error {
             | Error::Corrupt(m)
             | Error::Io(m)
             | Error::Internal(m)
-            | Error::Timeout(m) => m,
+            | Error::Timeout(m)
+            | Error::Closed(m) => m,
         }
     }
 
@@ -82,6 +87,7 @@ impl Error {
             Error::Io(_) => "I/O error",
             Error::Internal(_) => "internal error",
             Error::Timeout(_) => "timed out",
+            Error::Closed(_) => "channel closed",
         }
     }
 

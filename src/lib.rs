@@ -62,6 +62,7 @@
 #![cfg(target_os = "linux")]
 
 mod buffer;
+pub mod channel;
 mod error;
 pub mod ffi;
 mod file;

@@ -1,0 +1,1617 @@
+//! Channels: typed messages streamed between processes through the slots of one shared
+//! segment, with a doorbell. See `docs/channels.md` for the design and every interleaving.
+//!
+//! A channel is a shared segment (made and held like any shared buffer, so its name lives while
+//! any process maps it) whose data region holds a control block, a publication log, per-slot
+//! words, a subscriber table and the slots:
+//!
+//! ```text
+//! data region: | control (1 KiB) | log[N] | slot words[N] | subscribers[S] | pad | slot 0 | ... | slot N-1 |
+//! ```
+//!
+//! * **One publisher** (the creator) fills a free slot in place (a *loan*) and publishes it:
+//!   sequence number `s` goes to `log[s % N]`, then `head = s + 1`, then the doorbell rings if a
+//!   subscriber sleeps. It holds an OFD write lock on [`PUB_BYTE`] of the segment's file for its
+//!   life: subscribers learn that it died from that lock, kept by the kernel.
+//! * **Subscribers** take an entry of the table (and the OFD write lock on its byte) and read
+//!   messages at their position. A message is read in place: the subscriber sets its bit in the
+//!   slot's `refs` words while any view of the message lives (a *pin*), so the publisher never
+//!   reuses a slot that a live view shows. A dead subscriber's lock is gone: the publisher
+//!   clears its bits and forgets its position.
+//! * **Policies**: *block* — every subscriber sees every message; the publisher waits while the
+//!   slowest is a whole ring behind. *latest* — the publisher never waits for positions; a
+//!   subscriber that falls behind skips to the newest message and counts what it missed.
+//!
+//! All shared words are accessed through atomics on raw pointers into the mapping (never
+//! references to shared memory); every index read from shared memory is bounds-checked before
+//! use, and the layout is validated once at open and cached in process memory, so a corrupted
+//! or hostile control block gives [`Error::Corrupt`], never an out-of-range access.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::header::Meta;
+use crate::liveness::{self, NAME_BYTE};
+use crate::mapping::{CreateOptions, Mapped, page_size};
+use crate::shm;
+
+/// The OFD lock byte of a channel's publisher.
+pub const PUB_BYTE: i64 = NAME_BYTE + 16;
+/// The OFD lock byte of subscriber table entry 0 (entry `i` is `SUB_BYTE + i`).
+pub const SUB_BYTE: i64 = NAME_BYTE + 32;
+/// Most slots a channel may have.
+pub const MAX_SLOTS: u32 = 1 << 16;
+/// Most subscribers a channel may be made for.
+pub const MAX_SUBSCRIBERS: u32 = 1024;
+/// Subscribers a channel is made for unless told otherwise.
+pub const DEFAULT_SUBSCRIBERS: u32 = 64;
+/// Most dimensions of a message.
+pub const MAX_MSG_NDIM: usize = 16;
+/// Most bytes of a message's dtype text.
+pub const MSG_DTYPE_CAP: usize = 128;
+
+const CTL_MAGIC: u64 = u64::from_le_bytes(*b"ZCBUFchn");
+const CTL_VERSION: u32 = 1;
+const CTL_LEN: usize = 1024;
+const LOG_ENTRY: usize = 32;
+const SUB_ENTRY: usize = 64;
+
+// Control block fields (offsets in the data region). Written once by the publisher before
+// `magic` (which is stored last, with Release), read once by each subscriber and validated.
+const C_MAGIC: usize = 0;
+const C_VERSION: usize = 8;
+const C_POLICY: usize = 12;
+const C_SLOTS: usize = 16;
+const C_SUBS: usize = 20;
+const C_NDIM: usize = 24;
+const C_DTYPE_LEN: usize = 28;
+const C_ITEMSIZE: usize = 32;
+const C_MSG_LEN: usize = 40;
+const C_STRIDE: usize = 48;
+const C_LOG_OFF: usize = 56;
+const C_WORDS_OFF: usize = 64;
+const C_SUBS_OFF: usize = 72;
+const C_SLOTS_OFF: usize = 80;
+const C_TOTAL: usize = 88;
+const C_PUB_PID: usize = 96;
+const C_DTYPE: usize = 128;
+const C_SHAPE: usize = 256;
+// Live words, one cache line each.
+/// Number of messages published (the next sequence number). Written by the publisher only.
+const C_HEAD: usize = 512;
+/// 0 while the publisher is open; 1 after it closed the stream. Written by the publisher only.
+const C_CLOSED: usize = 576;
+/// The subscribers' doorbell (a futex word): bumped by the publisher after publishing (or
+/// closing) when `C_WAITERS` is nonzero.
+const C_BELL: usize = 640;
+/// How many subscribers are about to sleep or asleep on `C_BELL`.
+const C_WAITERS: usize = 644;
+/// The publisher's doorbell: bumped by a subscriber that advanced or unpinned while
+/// `C_PUB_WAITING` is nonzero.
+const C_SPACE_BELL: usize = 704;
+/// Nonzero while the publisher is about to sleep or asleep on `C_SPACE_BELL`.
+const C_PUB_WAITING: usize = 708;
+
+// Subscriber entry fields.
+/// `generation << 4 | state`: the entry's state, with a generation that makes every transition a
+/// compare-and-swap no stale observer can repeat.
+const S_STATE: usize = 0;
+const S_PID: usize = 4;
+/// The entry's position: the next sequence number it will read. Written by its owner only.
+const S_POS: usize = 8;
+/// Messages skipped under *latest* (informational, for `ls`).
+const S_MISSED: usize = 16;
+
+const ST_FREE: u32 = 0;
+const ST_ACTIVE: u32 = 1;
+/// Closed by its owner, whose views still pin slots: no longer counted for *block*.
+const ST_DRAINING: u32 = 2;
+/// Being cleared by someone who proved its owner dead.
+const ST_RECLAIMING: u32 = 3;
+
+/// `seq1` value of a slot a publisher has claimed for writing.
+const WRITING: u64 = u64::MAX;
+
+/// How long a waiter spins before sleeping on the doorbell.
+const SPIN: Duration = Duration::from_micros(50);
+/// Longest single sleep: liveness of the other side is checked at least this often.
+const SLICE: Duration = Duration::from_millis(25);
+
+/// When the publisher may reuse a slot, and what a slow subscriber sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Every subscriber sees every message; the publisher waits (with a timeout) while the
+    /// slowest subscriber is a whole ring behind.
+    Block,
+    /// The publisher never waits for positions; a subscriber that is behind skips to the
+    /// newest message and counts the ones it missed.
+    Latest,
+}
+
+impl Policy {
+    fn code(self) -> u32 {
+        match self {
+            Policy::Block => 0,
+            Policy::Latest => 1,
+        }
+    }
+    /// The policy of a C/Python code (0 block, 1 latest).
+    pub fn from_code(c: u32) -> Result<Policy> {
+        match c {
+            0 => Ok(Policy::Block),
+            1 => Ok(Policy::Latest),
+            _ => Err(Error::InvalidArgument(format!(
+                "policy {c} is neither 0 (block) nor 1 (latest)"
+            ))),
+        }
+    }
+}
+
+/// The layout of one channel, validated, in process memory.
+#[derive(Debug, Clone)]
+struct Layout {
+    policy: Policy,
+    slots: usize,
+    subs: usize,
+    words: usize,
+    msg_len: usize,
+    stride: usize,
+    log_off: usize,
+    words_off: usize,
+    words_stride: usize,
+    subs_off: usize,
+    slots_off: usize,
+    total: usize,
+    meta: Meta,
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+impl Layout {
+    fn new(meta: Meta, slots: u32, subs: u32, policy: Policy) -> Result<Layout> {
+        if !(1..=MAX_SLOTS).contains(&slots) {
+            return Err(Error::InvalidArgument(format!(
+                "a channel has 1 to {MAX_SLOTS} slots, not {slots}"
+            )));
+        }
+        if policy == Policy::Latest && slots < 2 {
+            return Err(Error::InvalidArgument(
+                "a latest-policy channel needs at least 2 slots (one to read while the next is \
+                 written)"
+                    .into(),
+            ));
+        }
+        if !(1..=MAX_SUBSCRIBERS).contains(&subs) {
+            return Err(Error::InvalidArgument(format!(
+                "a channel is made for 1 to {MAX_SUBSCRIBERS} subscribers, not {subs}"
+            )));
+        }
+        if meta.dtype.len() > MSG_DTYPE_CAP || meta.shape.len() > MAX_MSG_NDIM {
+            return Err(Error::InvalidArgument(format!(
+                "a channel's message has a dtype of at most {MSG_DTYPE_CAP} bytes and at most \
+                 {MAX_MSG_NDIM} dimensions"
+            )));
+        }
+        let msg_len = meta
+            .nbytes()
+            .filter(|n| *n >= 1 && *n <= (isize::MAX as u64) / 4)
+            .ok_or_else(|| {
+                Error::InvalidArgument(
+                    "a channel's message must be typed and between 1 byte and 2^61 bytes".into(),
+                )
+            })? as usize;
+        let slots = slots as usize;
+        let subs = subs as usize;
+        let words = subs.div_ceil(64);
+        let page = page_size();
+        // Small messages share cache lines as little as they can; big ones start on pages.
+        let stride = if msg_len >= page {
+            round_up(msg_len, page)
+        } else {
+            round_up(msg_len, 64)
+        };
+        let log_off = CTL_LEN;
+        let words_stride = round_up(8 + 8 * words, 64);
+        let words_off = log_off + LOG_ENTRY * slots;
+        let subs_off = words_off + words_stride * slots;
+        let slots_off = round_up(subs_off + SUB_ENTRY * subs, page);
+        let total = stride
+            .checked_mul(slots)
+            .and_then(|d| d.checked_add(slots_off))
+            .filter(|t| *t <= isize::MAX as usize / 2)
+            .ok_or_else(|| {
+                Error::OutOfMemory(format!(
+                    "{slots} slots of {msg_len} bytes do not fit in this address space"
+                ))
+            })?;
+        Ok(Layout {
+            policy,
+            slots,
+            subs,
+            words,
+            msg_len,
+            stride,
+            log_off,
+            words_off,
+            words_stride,
+            subs_off,
+            slots_off,
+            total,
+            meta,
+        })
+    }
+}
+
+/// One process's view of a channel segment: the mapping, its validated layout, and this
+/// endpoint's own open file (its role lock lives on it).
+struct Chan {
+    /// Keeps the segment mapped (and held) while any endpoint, loan or message lives.
+    mapped: Arc<Mapped>,
+    base: NonNull<u8>,
+    lay: Layout,
+    /// This endpoint's own open file description of the segment: its OFD role lock.
+    role: OwnedFd,
+    name: String,
+    pid: u32,
+}
+
+// SAFETY: `Chan` is an `Arc<Mapped>` (owned by the registry type, never moved, unmapped only
+// when the last reference goes), a base address into that mapping, plain layout data, and a
+// descriptor. All shared words are accessed through atomics; slot bytes are handed out only as
+// raw pointers. Nothing is tied to the thread that made it.
+unsafe impl Send for Chan {}
+// SAFETY: as above: every access through `&Chan` is an atomic operation on shared memory or a
+// read of immutable process-local fields.
+unsafe impl Sync for Chan {}
+
+impl Chan {
+    fn at(&self, off: usize) -> *mut u8 {
+        debug_assert!(off < self.lay.total);
+        // SAFETY: every caller passes an offset inside the validated layout (`total` bytes,
+        // checked against the mapping's length at open), so the result stays in the mapping.
+        unsafe { self.base.as_ptr().add(off) }
+    }
+    fn u64_at(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off % 8 == 0 && off + 8 <= self.lay.total);
+        // SAFETY: `off` is 8-aligned and inside the mapping (layout offsets are multiples of 8
+        // from a page-aligned base); the mapping lives as long as `self`. Other processes write
+        // these words only atomically; an `AtomicU64` over shared memory is exactly that.
+        unsafe { AtomicU64::from_ptr(self.at(off).cast()) }
+    }
+    fn u32_at(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off % 4 == 0 && off + 4 <= self.lay.total);
+        // SAFETY: as for `u64_at`, with 4-byte alignment.
+        unsafe { AtomicU32::from_ptr(self.at(off).cast()) }
+    }
+    fn head(&self) -> &AtomicU64 {
+        self.u64_at(C_HEAD)
+    }
+    fn closed(&self) -> &AtomicU32 {
+        self.u32_at(C_CLOSED)
+    }
+    fn log_seq(&self, i: usize) -> &AtomicU64 {
+        self.u64_at(self.lay.log_off + LOG_ENTRY * i)
+    }
+    fn log_slot(&self, i: usize) -> &AtomicU32 {
+        self.u32_at(self.lay.log_off + LOG_ENTRY * i + 8)
+    }
+    fn log_ts(&self, i: usize) -> &AtomicU64 {
+        self.u64_at(self.lay.log_off + LOG_ENTRY * i + 16)
+    }
+    /// `seq + 1` of the message slot `k` holds; 0 when empty; [`WRITING`] while claimed.
+    fn slot_seq(&self, k: usize) -> &AtomicU64 {
+        self.u64_at(self.lay.words_off + self.lay.words_stride * k)
+    }
+    /// Word `w` of slot `k`'s pin bits (bit `i % 64` of word `i / 64`: subscriber `i`).
+    fn slot_refs(&self, k: usize, w: usize) -> &AtomicU64 {
+        self.u64_at(self.lay.words_off + self.lay.words_stride * k + 8 + 8 * w)
+    }
+    fn pinned(&self, k: usize) -> bool {
+        (0..self.lay.words).any(|w| self.slot_refs(k, w).load(Ordering::SeqCst) != 0)
+    }
+    fn sub_state(&self, i: usize) -> &AtomicU32 {
+        self.u32_at(self.lay.subs_off + SUB_ENTRY * i + S_STATE)
+    }
+    fn sub_pid(&self, i: usize) -> &AtomicU32 {
+        self.u32_at(self.lay.subs_off + SUB_ENTRY * i + S_PID)
+    }
+    fn sub_pos(&self, i: usize) -> &AtomicU64 {
+        self.u64_at(self.lay.subs_off + SUB_ENTRY * i + S_POS)
+    }
+    fn sub_missed(&self, i: usize) -> &AtomicU64 {
+        self.u64_at(self.lay.subs_off + SUB_ENTRY * i + S_MISSED)
+    }
+    fn slot_ptr(&self, k: usize) -> NonNull<u8> {
+        let p = self.at(self.lay.slots_off + self.lay.stride * k);
+        NonNull::new(p).expect("inside a mapping")
+    }
+    fn check_pid(&self) -> Result<()> {
+        if std::process::id() != self.pid {
+            return Err(Error::InvalidArgument(format!(
+                "channel {:?}: this endpoint was made by process {} before a fork; a forked \
+                 child cannot use it: publish or subscribe anew in the child",
+                self.name, self.pid
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rings a doorbell: bumps the word and wakes every sleeper on it.
+    fn ring(&self, bell: usize) {
+        let w = self.u32_at(bell);
+        w.fetch_add(1, Ordering::SeqCst);
+        let _ =
+            rustix::thread::futex::wake(w, rustix::thread::futex::Flags::empty(), i32::MAX as u32);
+    }
+
+    /// Sleeps on the doorbell at `bell` while it still reads `seen`, for at most `d`.
+    fn sleep(&self, bell: usize, seen: u32, d: Duration) {
+        let ts = rustix::thread::futex::Timespec {
+            tv_sec: d.as_secs() as _,
+            tv_nsec: d.subsec_nanos() as _,
+        };
+        // EAGAIN (the word changed), ETIMEDOUT and EINTR all mean: look again.
+        let _ = rustix::thread::futex::wait(
+            self.u32_at(bell),
+            rustix::thread::futex::Flags::empty(),
+            seen,
+            Some(&ts),
+        );
+    }
+
+    /// Whether the publisher (some process holding [`PUB_BYTE`]) is alive.
+    fn publisher_alive(&self) -> Result<bool> {
+        liveness::ofd_locked_by_other(self.role.as_fd(), PUB_BYTE)
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn closed_error(name: &str, died: bool) -> Error {
+    Error::Closed(if died {
+        format!("channel {name:?}: the publisher died (every message it sent has been received)")
+    } else {
+        format!("channel {name:?}: end of stream (the publisher closed it)")
+    })
+}
+
+fn timeout_error(what: &str, name: &str, d: Duration) -> Error {
+    Error::Timeout(format!(
+        "channel {name:?}: {what} for {:.3} s, the timeout",
+        d.as_secs_f64()
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// role descriptors across fork
+
+static ROLE_FDS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static FORK_GUARD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Vec<RawFd>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn role_before_fork() {
+    let g = ROLE_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = FORK_GUARD.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            *s = Some(g);
+        }
+    });
+}
+
+extern "C" fn role_after_fork_parent() {
+    let _ = FORK_GUARD.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            *s = None;
+        }
+    });
+}
+
+/// In a fork child: the role descriptors it inherited share their open files (and so their
+/// locks) with the parent; if the child kept them, a dead parent would look alive to the other
+/// side for as long as the child lives. Each is replaced by /dev/null (the endpoint objects the
+/// child inherited then refuse to work: see `Chan::check_pid`).
+extern "C" fn role_after_fork_child() {
+    let _ = FORK_GUARD.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            if let Some(g) = s.as_mut() {
+                for &fd in g.iter() {
+                    // SAFETY: open/dup3/close are async-signal-safe; `fd` is a descriptor this
+                    // process inherited (registered while open, removed before it is closed),
+                    // and dup3 atomically makes that number refer to /dev/null instead, so the
+                    // owner's later close closes /dev/null, never an unrelated descriptor.
+                    unsafe {
+                        let nul =
+                            libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                        if nul >= 0 {
+                            libc::dup3(nul, fd, libc::O_CLOEXEC);
+                            libc::close(nul);
+                        }
+                    }
+                }
+                g.clear();
+            }
+            *s = None;
+        }
+    });
+}
+
+fn register_role(fd: RawFd) {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: plain functions living as long as the library; they lock/unlock a mutex and
+        // (in the child) replace descriptors, and never unwind.
+        unsafe {
+            libc::pthread_atfork(
+                Some(role_before_fork),
+                Some(role_after_fork_parent),
+                Some(role_after_fork_child),
+            )
+        };
+    });
+    ROLE_FDS.lock().unwrap_or_else(|p| p.into_inner()).push(fd);
+}
+
+fn unregister_role(fd: RawFd) {
+    ROLE_FDS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|&f| f != fd);
+}
+
+/// A fresh open file description of the segment `mapped` maps (for this endpoint's role lock).
+fn role_file(mapped: &Mapped, name: &str) -> Result<OwnedFd> {
+    let hold = mapped
+        .hold()
+        .ok_or_else(|| Error::Internal("a channel segment without a hold".into()))?;
+    let path = format!("/proc/self/fd/{}", hold.fd().as_raw_fd());
+    let fd = rustix::fs::open(
+        path.as_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| shm::open_error(&format!("open channel {name:?} again for its role lock"), e))?;
+    register_role(fd.as_raw_fd());
+    Ok(fd)
+}
+
+impl Drop for Chan {
+    fn drop(&mut self) {
+        unregister_role(self.role.as_raw_fd());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// publishing
+
+/// The publishing end of a channel: creates it, loans slots, publishes them.
+///
+/// **Drop policy:** closes the stream (subscribers drain what was sent, then see end of
+/// stream) and releases the publisher role; the segment stays mapped while loans or other
+/// endpoints of this process use it.
+pub struct Publisher {
+    ch: Arc<Chan>,
+    /// Next slot to consider (round robin from the oldest).
+    next: usize,
+    /// Slots loaned and not yet sent or cancelled.
+    loaned: Vec<bool>,
+    closed: bool,
+}
+
+/// A slot loaned by [`Publisher::loan`], to fill in place and [`Publisher::send`].
+#[derive(Debug)]
+pub struct Loan {
+    slot: usize,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Loan {
+    /// The slot index (for [`Publisher::send`] / [`Publisher::cancel`] through the C ABI).
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+    /// The slot's address: writable for [`Loan::len`] bytes until the loan is sent or cancelled.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// The message length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Never true (messages have at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Publisher {
+    /// Creates a channel named `name` (generated when `None`) for messages of `meta`'s dtype and
+    /// shape, with `slots` slots, made for up to `max_subscribers` subscribers.
+    pub fn create(
+        name: Option<&str>,
+        meta: Meta,
+        slots: u32,
+        policy: Policy,
+        max_subscribers: u32,
+    ) -> Result<Publisher> {
+        let lay = Layout::new(meta, slots, max_subscribers, policy)?;
+        let mapped = shm::create(name, lay.total, &CreateOptions::new())?;
+        let name = mapped.name().unwrap_or_default().to_owned();
+        let base = mapped.data_ptr();
+        let role = role_file(&mapped, &name)?;
+        if !liveness::ofd_lock(role.as_fd(), PUB_BYTE, libc::F_WRLCK as i16)? {
+            return Err(Error::AlreadyExists(format!(
+                "channel {name:?} already has a publisher"
+            )));
+        }
+        let ch = Chan {
+            mapped: Arc::new(mapped),
+            base,
+            lay,
+            role,
+            name,
+            pid: std::process::id(),
+        };
+        init_control(&ch);
+        let n = ch.lay.slots;
+        Ok(Publisher {
+            ch: Arc::new(ch),
+            next: 0,
+            loaned: vec![false; n],
+            closed: false,
+        })
+    }
+
+    /// The channel's name (what subscribers pass to [`Subscriber::open`]).
+    pub fn name(&self) -> &str {
+        &self.ch.name
+    }
+    /// The message dtype and shape.
+    pub fn meta(&self) -> &Meta {
+        &self.ch.lay.meta
+    }
+    /// Bytes per message.
+    pub fn msg_len(&self) -> usize {
+        self.ch.lay.msg_len
+    }
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.ch.lay.slots
+    }
+    /// The policy chosen at creation.
+    pub fn policy(&self) -> Policy {
+        self.ch.lay.policy
+    }
+    /// Messages published so far.
+    pub fn published(&self) -> u64 {
+        self.ch.head().load(Ordering::Relaxed)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        self.ch.check_pid()?;
+        if self.closed {
+            return Err(Error::Closed(format!(
+                "channel {:?}: this publisher was closed",
+                self.ch.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The lowest position of the subscribers that count for *block* (active ones), reclaiming
+    /// dead ones on the way when `reclaim`.
+    fn min_position(&self, reclaim: bool) -> Result<Option<u64>> {
+        let ch = &self.ch;
+        let mut min: Option<u64> = None;
+        for i in 0..ch.lay.subs {
+            let st = ch.sub_state(i).load(Ordering::SeqCst);
+            if st & 0xf == ST_FREE {
+                continue;
+            }
+            if reclaim && st & 0xf != ST_RECLAIMING && !sub_alive(ch, i)? {
+                reclaim_entry(ch, i, st);
+                continue;
+            }
+            if st & 0xf == ST_ACTIVE {
+                let p = ch.sub_pos(i).load(Ordering::SeqCst);
+                min = Some(min.map_or(p, |m: u64| m.min(p)));
+            }
+        }
+        Ok(min)
+    }
+
+    /// Loans a free slot to fill in place, waiting up to `timeout` (`None`: forever) when none
+    /// is free: under *block* while the slowest subscriber is a whole ring behind, under either
+    /// policy while live views pin every slot.
+    pub fn loan(&mut self, timeout: Option<Duration>) -> Result<Loan> {
+        self.check_open()?;
+        let start = Instant::now();
+        let mut reclaim = false;
+        let mut last_reclaim = Instant::now();
+        loop {
+            if let Some(k) = self.try_claim(reclaim)? {
+                self.loaned[k] = true;
+                return Ok(Loan {
+                    slot: k,
+                    ptr: self.ch.slot_ptr(k),
+                    len: self.ch.lay.msg_len,
+                });
+            }
+            reclaim = false;
+            // Nothing free: wait for a subscriber to advance or unpin, looking for dead ones at
+            // least every SLICE.
+            let waited = start.elapsed();
+            if let Some(t) = timeout {
+                if waited >= t {
+                    let why = if self.ch.lay.policy == Policy::Block {
+                        "no slot came free (the slowest subscriber is a whole ring behind, or \
+                         views of received messages pin every slot)"
+                    } else {
+                        "no slot came free (views of received messages pin every slot)"
+                    };
+                    return Err(timeout_error(why, &self.ch.name, t));
+                }
+            }
+            let ch = Arc::clone(&self.ch);
+            let pw = ch.u32_at(C_PUB_WAITING);
+            pw.store(1, Ordering::SeqCst);
+            let seen = ch.u32_at(C_SPACE_BELL).load(Ordering::SeqCst);
+            if let Some(k) = self.try_claim(false)? {
+                pw.store(0, Ordering::SeqCst);
+                self.loaned[k] = true;
+                return Ok(Loan {
+                    slot: k,
+                    ptr: self.ch.slot_ptr(k),
+                    len: self.ch.lay.msg_len,
+                });
+            }
+            let mut d = SLICE;
+            if let Some(t) = timeout {
+                d = d.min(t.saturating_sub(start.elapsed()));
+            }
+            if !d.is_zero() {
+                ch.sleep(C_SPACE_BELL, seen, d);
+            }
+            pw.store(0, Ordering::SeqCst);
+            if last_reclaim.elapsed() >= SLICE {
+                reclaim = true;
+                last_reclaim = Instant::now();
+            }
+        }
+    }
+
+    /// One pass over the slots: claims a free one, or `None`.
+    fn try_claim(&mut self, reclaim: bool) -> Result<Option<usize>> {
+        let ch = &self.ch;
+        let n = ch.lay.slots;
+        let head = ch.head().load(Ordering::Relaxed);
+        let min = match ch.lay.policy {
+            Policy::Block => {
+                let m = self.min_position(reclaim)?;
+                if let Some(m) = m {
+                    // Publishing `head` overwrites log entry `head - n`: every active
+                    // subscriber must be past it.
+                    if head >= m + n as u64 {
+                        return Ok(None);
+                    }
+                }
+                m
+            }
+            Policy::Latest => {
+                if reclaim {
+                    self.min_position(true)?;
+                }
+                None
+            }
+        };
+        for j in 0..n {
+            let k = (self.next + j) % n;
+            if self.loaned[k] {
+                continue;
+            }
+            let s1 = ch.slot_seq(k).load(Ordering::SeqCst);
+            if s1 == WRITING {
+                continue; // a loan of a publisher that died (not ours): forget it below
+            }
+            // Under block, a message is free once every active subscriber is past it.
+            if let (Some(m), true) = (min, s1 != 0) {
+                if s1 > m {
+                    continue;
+                }
+            }
+            if ch.pinned(k) {
+                continue;
+            }
+            // Claim, then look for pins again: a subscriber pins (SeqCst) before it checks the
+            // slot's sequence (SeqCst); we mark (SeqCst) before we check the pins, so at least
+            // one of us sees the other and backs off (docs/channels.md, "claiming a slot").
+            ch.slot_seq(k).store(WRITING, Ordering::SeqCst);
+            if ch.pinned(k) {
+                ch.slot_seq(k).store(s1, Ordering::SeqCst);
+                continue;
+            }
+            self.next = (k + 1) % n;
+            return Ok(Some(k));
+        }
+        Ok(None)
+    }
+
+    /// Publishes loaned slot `slot` as the next message; returns its sequence number.
+    pub fn send(&mut self, slot: usize) -> Result<u64> {
+        self.check_open()?;
+        if slot >= self.loaned.len() || !self.loaned[slot] {
+            return Err(Error::InvalidArgument(format!(
+                "slot {slot} is not loaned by this publisher"
+            )));
+        }
+        self.loaned[slot] = false;
+        let ch = &self.ch;
+        let s = ch.head().load(Ordering::Relaxed);
+        let i = (s % ch.lay.slots as u64) as usize;
+        ch.slot_seq(slot).store(s + 1, Ordering::SeqCst);
+        ch.log_slot(i).store(slot as u32, Ordering::Relaxed);
+        ch.log_ts(i).store(now_ns(), Ordering::Relaxed);
+        ch.log_seq(i).store(s + 1, Ordering::Release);
+        ch.head().store(s + 1, Ordering::SeqCst);
+        if ch.u32_at(C_WAITERS).load(Ordering::SeqCst) != 0 {
+            ch.ring(C_BELL);
+        }
+        Ok(s)
+    }
+
+    /// Gives a loaned slot back unsent (its previous message is gone).
+    pub fn cancel(&mut self, slot: usize) -> Result<()> {
+        self.ch.check_pid()?;
+        if slot >= self.loaned.len() || !self.loaned[slot] {
+            return Err(Error::InvalidArgument(format!(
+                "slot {slot} is not loaned by this publisher"
+            )));
+        }
+        self.loaned[slot] = false;
+        self.ch.slot_seq(slot).store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Copies `data` (exactly one message's bytes) into a free slot and publishes it.
+    pub fn send_copy(&mut self, data: &[u8], timeout: Option<Duration>) -> Result<u64> {
+        if data.len() != self.ch.lay.msg_len {
+            return Err(Error::InvalidArgument(format!(
+                "a message of channel {:?} is {} bytes ({} {:?}), not {}",
+                self.ch.name,
+                self.ch.lay.msg_len,
+                self.ch.lay.meta.dtype,
+                self.ch.lay.meta.shape,
+                data.len()
+            )));
+        }
+        let loan = self.loan(timeout)?;
+        // SAFETY: the loan gives exclusive use of `len` writable bytes at `ptr` (claimed: no
+        // subscriber reads it until it is published, and no other loan has it); `data` is a
+        // Rust slice of the same length elsewhere in memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), loan.as_ptr(), data.len()) };
+        self.send(loan.slot)
+    }
+
+    /// Ends the stream: subscribers receive what was sent, then end of stream. Idempotent.
+    pub fn close(&mut self) -> Result<()> {
+        if self.closed || self.ch.check_pid().is_err() {
+            return Ok(());
+        }
+        self.closed = true;
+        self.ch.closed().store(1, Ordering::SeqCst);
+        self.ch.ring(C_BELL);
+        Ok(())
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+fn init_control(ch: &Chan) {
+    let lay = &ch.lay;
+    let put64 = |off: usize, v: u64| ch.u64_at(off).store(v, Ordering::Relaxed);
+    let put32 = |off: usize, v: u32| ch.u32_at(off).store(v, Ordering::Relaxed);
+    put32(C_VERSION, CTL_VERSION);
+    put32(C_POLICY, lay.policy.code());
+    put32(C_SLOTS, lay.slots as u32);
+    put32(C_SUBS, lay.subs as u32);
+    put32(C_NDIM, lay.meta.shape.len() as u32);
+    put32(C_DTYPE_LEN, lay.meta.dtype.len() as u32);
+    put64(C_ITEMSIZE, lay.meta.itemsize);
+    put64(C_MSG_LEN, lay.msg_len as u64);
+    put64(C_STRIDE, lay.stride as u64);
+    put64(C_LOG_OFF, lay.log_off as u64);
+    put64(C_WORDS_OFF, lay.words_off as u64);
+    put64(C_SUBS_OFF, lay.subs_off as u64);
+    put64(C_SLOTS_OFF, lay.slots_off as u64);
+    put64(C_TOTAL, lay.total as u64);
+    put32(C_PUB_PID, std::process::id());
+    // SAFETY: the dtype text fits in its field (checked by Layout::new: at most MSG_DTYPE_CAP
+    // bytes at C_DTYPE, below C_SHAPE); nobody reads it before `magic` is published below.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            lay.meta.dtype.as_ptr(),
+            ch.at(C_DTYPE),
+            lay.meta.dtype.len(),
+        )
+    };
+    for (i, d) in lay.meta.shape.iter().enumerate() {
+        put64(C_SHAPE + 8 * i, *d);
+    }
+    // Everything above happens-before a subscriber's Acquire load of the magic.
+    ch.u64_at(C_MAGIC).store(CTL_MAGIC, Ordering::Release);
+}
+
+// ---------------------------------------------------------------------------------------------
+// subscribing
+
+fn sub_alive(ch: &Chan, i: usize) -> Result<bool> {
+    liveness::ofd_locked_by_other(ch.role.as_fd(), SUB_BYTE + i as i64)
+}
+
+/// Clears entry `i`, whose owner was proven dead (its lock is free), if it is still in state
+/// `seen`: its pins go, its position stops counting.
+fn reclaim_entry(ch: &Chan, i: usize, seen: u32) {
+    let generation = (seen >> 4).wrapping_add(1);
+    if ch
+        .sub_state(i)
+        .compare_exchange(
+            seen,
+            generation << 4 | ST_RECLAIMING,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
+        .is_err()
+    {
+        return; // its owner (or a new claimer) moved it on
+    }
+    let (w, bit) = (i / 64, 1u64 << (i % 64));
+    for k in 0..ch.lay.slots {
+        ch.slot_refs(k, w).fetch_and(!bit, Ordering::SeqCst);
+    }
+    ch.sub_state(i)
+        .store(generation << 4 | ST_FREE, Ordering::SeqCst);
+}
+
+struct SubInner {
+    ch: Arc<Chan>,
+    idx: usize,
+    /// Views alive per slot; the slot's pin bit is set while its count is nonzero. Transitions
+    /// 0 <-> 1 happen under this lock, so the bit never disagrees with the count.
+    held: Mutex<Vec<u32>>,
+}
+
+impl SubInner {
+    fn bit(&self) -> (usize, u64) {
+        (self.idx / 64, 1u64 << (self.idx % 64))
+    }
+    fn pin(&self, k: usize) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held[k] == 0 {
+            let (w, bit) = self.bit();
+            self.ch.slot_refs(k, w).fetch_or(bit, Ordering::SeqCst);
+        }
+        held[k] += 1;
+    }
+    fn unpin(&self, k: usize) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held[k] == 0 {
+            return;
+        }
+        held[k] -= 1;
+        if held[k] == 0 {
+            let (w, bit) = self.bit();
+            self.ch.slot_refs(k, w).fetch_and(!bit, Ordering::SeqCst);
+            drop(held);
+            if self.ch.u32_at(C_PUB_WAITING).load(Ordering::SeqCst) != 0 {
+                self.ch.ring(C_SPACE_BELL);
+            }
+        }
+    }
+}
+
+impl Drop for SubInner {
+    /// Policy: the last view is gone and the subscriber closed: its entry is freed and its role
+    /// lock released (with the descriptor, after this).
+    fn drop(&mut self) {
+        if self.ch.check_pid().is_err() {
+            return;
+        }
+        let st = &self.ch.sub_state(self.idx);
+        loop {
+            let s = st.load(Ordering::SeqCst);
+            if s & 0xf == ST_RECLAIMING {
+                std::hint::spin_loop(); // someone wrongly thought us dead: they restore it
+                continue;
+            }
+            let generation = (s >> 4).wrapping_add(1);
+            if st
+                .compare_exchange(
+                    s,
+                    generation << 4 | ST_FREE,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// The receiving end of a channel.
+///
+/// **Drop policy:** stops counting for *block* at once; the entry and its pins stay until the
+/// last [`Message`] it handed out is dropped.
+pub struct Subscriber {
+    inner: Arc<SubInner>,
+    pos: u64,
+    missed: u64,
+    last_seq: Option<u64>,
+    last_ts: u64,
+}
+
+/// A received message: a read-only view of its slot, pinned while this lives.
+pub struct Message {
+    inner: Arc<SubInner>,
+    slot: usize,
+    ptr: NonNull<u8>,
+    len: usize,
+    seq: u64,
+    ts: u64,
+}
+
+// SAFETY: a Message is an Arc of a Sync inner (atomics and a mutex), a slot index and a raw
+// address into a mapping that inner keeps alive; unpinning takes the inner's mutex from any
+// thread.
+unsafe impl Send for Message {}
+// SAFETY: `&Message` only reads immutable fields; the slot bytes are exposed as a raw pointer.
+unsafe impl Sync for Message {}
+
+impl Message {
+    /// The message's bytes: valid (and never reused by the publisher) while this lives.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Never true (messages have at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The sequence number (0 for the channel's first message).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+    /// Publish time, ns since the Unix epoch.
+    pub fn timestamp_ns(&self) -> u64 {
+        self.ts
+    }
+    /// The slot it lives in (for the C ABI's release call).
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+    /// Copies the message out. The publisher never writes a slot a live message pins, so the
+    /// bytes are stable: this is a plain copy.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len];
+        // SAFETY: `ptr` is valid for `len` bytes while `self` pins the slot (the mapping is
+        // kept by `inner`); `v` is distinct memory of the same length.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), v.as_mut_ptr(), self.len) };
+        v
+    }
+    /// Keeps the pin past this object: for the C ABI, whose caller releases it with
+    /// [`Subscriber::release_slot`].
+    pub fn into_raw(self) -> usize {
+        let k = self.slot;
+        std::mem::forget(self);
+        k
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        self.inner.unpin(self.slot);
+    }
+}
+
+fn read_u64(ch_base: *const u8, off: usize) -> u64 {
+    // SAFETY: the caller checked that `off + 8` lies inside the mapping; unaligned-safe read.
+    unsafe { std::ptr::read_unaligned(ch_base.add(off).cast::<u64>()) }
+}
+
+fn read_u32(ch_base: *const u8, off: usize) -> u32 {
+    // SAFETY: as above.
+    unsafe { std::ptr::read_unaligned(ch_base.add(off).cast::<u32>()) }
+}
+
+/// Reads and validates a channel's control block (written by its publisher before the magic).
+fn read_layout(base: NonNull<u8>, len: usize, name: &str) -> Result<Layout> {
+    let corrupt = |why: String| Error::Corrupt(format!("channel {name:?}: {why}"));
+    if len < CTL_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "shared segment {name:?} is a plain buffer, not a channel (open it with zcbuf.open)"
+        )));
+    }
+    let p = base.as_ptr() as *const u8;
+    // SAFETY: 8-aligned (page-aligned base) and inside the mapping (len >= CTL_LEN).
+    let magic = unsafe { AtomicU64::from_ptr(base.as_ptr().cast()) };
+    // The publisher stores the magic last: wait a little for a channel being created.
+    let start = Instant::now();
+    loop {
+        match magic.load(Ordering::Acquire) {
+            CTL_MAGIC => break,
+            0 if start.elapsed() < Duration::from_secs(1) => {
+                std::thread::sleep(Duration::from_micros(200))
+            }
+            0 => {
+                return Err(Error::InvalidArgument(format!(
+                    "shared segment {name:?} is not a channel (a plain buffer, or a channel \
+                     whose publisher died while creating it)"
+                )));
+            }
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "shared segment {name:?} is a plain buffer, not a channel (open it with \
+                     zcbuf.open)"
+                )));
+            }
+        }
+    }
+    let version = read_u32(p, C_VERSION);
+    if version != CTL_VERSION {
+        return Err(corrupt(format!(
+            "control block version {version}, this zcbuf reads {CTL_VERSION}"
+        )));
+    }
+    let policy = Policy::from_code(read_u32(p, C_POLICY)).map_err(|e| corrupt(e.to_string()))?;
+    let slots = read_u32(p, C_SLOTS);
+    let subs = read_u32(p, C_SUBS);
+    let ndim = read_u32(p, C_NDIM) as usize;
+    let dlen = read_u32(p, C_DTYPE_LEN) as usize;
+    if ndim > MAX_MSG_NDIM || dlen == 0 || dlen > MSG_DTYPE_CAP {
+        return Err(corrupt(format!("{ndim} dimensions, dtype of {dlen} bytes")));
+    }
+    let mut dtype = vec![0u8; dlen];
+    // SAFETY: C_DTYPE + dlen <= C_SHAPE < CTL_LEN <= len.
+    unsafe { std::ptr::copy_nonoverlapping(p.add(C_DTYPE), dtype.as_mut_ptr(), dlen) };
+    let dtype = String::from_utf8(dtype).map_err(|_| corrupt("dtype is not text".into()))?;
+    let shape: Vec<u64> = (0..ndim).map(|i| read_u64(p, C_SHAPE + 8 * i)).collect();
+    let meta = Meta::typed(&dtype, read_u64(p, C_ITEMSIZE), &shape)
+        .map_err(|e| corrupt(format!("message type: {e}")))?;
+    let lay = Layout::new(meta, slots, subs, policy).map_err(|e| corrupt(e.to_string()))?;
+    // Everything the control block says must be what this zcbuf computes from its parameters:
+    // a block that lies about an offset is refused, never followed.
+    let said = [
+        (C_MSG_LEN, lay.msg_len),
+        (C_STRIDE, lay.stride),
+        (C_LOG_OFF, lay.log_off),
+        (C_WORDS_OFF, lay.words_off),
+        (C_SUBS_OFF, lay.subs_off),
+        (C_SLOTS_OFF, lay.slots_off),
+        (C_TOTAL, lay.total),
+    ];
+    for (off, want) in said {
+        let got = read_u64(p, off);
+        if got != want as u64 {
+            return Err(corrupt(format!(
+                "layout field at {off} says {got}, the layout needs {want}"
+            )));
+        }
+    }
+    if lay.total > len {
+        return Err(corrupt(format!(
+            "the layout needs {} bytes; the segment has {len}",
+            lay.total
+        )));
+    }
+    Ok(lay)
+}
+
+impl Subscriber {
+    /// Opens channel `name` and takes a free subscriber entry; receives the messages published
+    /// from now on.
+    pub fn open(name: &str) -> Result<Subscriber> {
+        let mapped = shm::open(name, false)?;
+        let base = mapped.data_ptr();
+        let lay = read_layout(base, mapped.len(), name)?;
+        let role = role_file(&mapped, name)?;
+        let ch = Arc::new(Chan {
+            mapped: Arc::new(mapped),
+            base,
+            lay,
+            role,
+            name: name.to_owned(),
+            pid: std::process::id(),
+        });
+        let idx = claim_entry(&ch)?;
+        let n = ch.lay.slots;
+        let inner = Arc::new(SubInner {
+            ch,
+            idx,
+            held: Mutex::new(vec![0; n]),
+        });
+        let ch = &inner.ch;
+        let pos = ch.head().load(Ordering::SeqCst);
+        ch.sub_pos(idx).store(pos, Ordering::SeqCst);
+        Ok(Subscriber {
+            inner,
+            pos,
+            missed: 0,
+            last_seq: None,
+            last_ts: 0,
+        })
+    }
+
+    /// The channel's name.
+    pub fn name(&self) -> &str {
+        &self.inner.ch.name
+    }
+    /// The message dtype and shape.
+    pub fn meta(&self) -> &Meta {
+        &self.inner.ch.lay.meta
+    }
+    /// Bytes per message.
+    pub fn msg_len(&self) -> usize {
+        self.inner.ch.lay.msg_len
+    }
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.inner.ch.lay.slots
+    }
+    /// The channel's policy.
+    pub fn policy(&self) -> Policy {
+        self.inner.ch.lay.policy
+    }
+    /// Messages skipped so far (under *latest*).
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+    /// Sequence number of the last message received.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+    /// Publish time (ns since the Unix epoch) of the last message received.
+    pub fn last_timestamp_ns(&self) -> u64 {
+        self.last_ts
+    }
+
+    /// Receives the next message, waiting up to `timeout` (`None`: forever; zero: only look).
+    /// Spins briefly, then sleeps on the doorbell. Errors: [`Error::Timeout`], and
+    /// [`Error::Closed`] once every message sent before the publisher closed (or died) is read.
+    pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Message> {
+        let ch = Arc::clone(&self.inner.ch);
+        ch.check_pid()?;
+        let start = Instant::now();
+        let mut spun = false;
+        loop {
+            if let Some(m) = self.try_recv_once()? {
+                return Ok(m);
+            }
+            if ch.closed().load(Ordering::SeqCst) != 0
+                && ch.head().load(Ordering::SeqCst) <= self.pos
+            {
+                return Err(closed_error(&ch.name, false));
+            }
+            let left = match timeout {
+                Some(t) => {
+                    let e = start.elapsed();
+                    if e >= t {
+                        return Err(timeout_error("no message came", &ch.name, t));
+                    }
+                    Some(t - e)
+                }
+                None => None,
+            };
+            if !spun {
+                spun = true;
+                let until = SPIN.min(left.unwrap_or(SPIN));
+                let s = Instant::now();
+                let mut i = 0u32;
+                while ch.head().load(Ordering::Acquire) <= self.pos {
+                    std::hint::spin_loop();
+                    i = i.wrapping_add(1);
+                    if i % 64 == 0 && s.elapsed() >= until {
+                        break;
+                    }
+                }
+                continue;
+            }
+            // Sleep: announce, read the bell, look again, then sleep while the bell is unchanged
+            // (a publish between our look and our sleep changes it: no lost wake-up).
+            let waiters = ch.u32_at(C_WAITERS);
+            waiters.fetch_add(1, Ordering::SeqCst);
+            let seen = ch.u32_at(C_BELL).load(Ordering::SeqCst);
+            let ready = ch.head().load(Ordering::SeqCst) > self.pos
+                || ch.closed().load(Ordering::SeqCst) != 0;
+            if !ready {
+                let d = left.map_or(SLICE, |l| l.min(SLICE));
+                ch.sleep(C_BELL, seen, d);
+            }
+            waiters.fetch_sub(1, Ordering::SeqCst);
+            if !ready && ch.head().load(Ordering::SeqCst) <= self.pos && !ch.publisher_alive()? {
+                // Dead: everything it published before dying is readable; after that, this.
+                if ch.head().load(Ordering::SeqCst) <= self.pos {
+                    return Err(closed_error(&ch.name, true));
+                }
+            }
+        }
+    }
+
+    /// One look: the message at our position when there is one.
+    fn try_recv_once(&mut self) -> Result<Option<Message>> {
+        let ch = Arc::clone(&self.inner.ch);
+        let n = ch.lay.slots as u64;
+        loop {
+            let head = ch.head().load(Ordering::Acquire);
+            if head <= self.pos {
+                return Ok(None);
+            }
+            let behind = head - self.pos;
+            if ch.lay.policy == Policy::Latest && behind > 1 {
+                self.skip(head - 1);
+            } else if behind > n {
+                // Under block only after we were reclaimed as dead (we were not), or a
+                // corrupted head: skip what the log no longer has.
+                self.skip(head - n);
+            }
+            let p = self.pos;
+            let i = (p % n) as usize;
+            let s1 = ch.log_seq(i).load(Ordering::Acquire);
+            if s1 != p + 1 {
+                if s1 > p + 1 {
+                    continue; // overwritten by newer messages meanwhile: look again
+                }
+                return Err(Error::Corrupt(format!(
+                    "channel {:?}: message {p} was published but its log entry says {s1}",
+                    ch.name
+                )));
+            }
+            let k = ch.log_slot(i).load(Ordering::Relaxed) as usize;
+            let ts = ch.log_ts(i).load(Ordering::Relaxed);
+            if k >= ch.lay.slots {
+                return Err(Error::Corrupt(format!(
+                    "channel {:?}: log entry {i} names slot {k} of {n}",
+                    ch.name
+                )));
+            }
+            // Pin, then check that the slot still holds message p (see try_claim).
+            self.inner.pin(k);
+            if ch.slot_seq(k).load(Ordering::SeqCst) != p + 1 {
+                self.inner.unpin(k);
+                continue;
+            }
+            // The log entry could have been rewritten between our reads of seq and slot/ts:
+            // the slot's own sequence proves `k` holds p; re-read the timestamp's entry.
+            let ts = if ch.log_seq(i).load(Ordering::Acquire) == p + 1 {
+                ts
+            } else {
+                0
+            };
+            self.pos = p + 1;
+            ch.sub_pos(self.inner.idx).store(self.pos, Ordering::SeqCst);
+            if ch.u32_at(C_PUB_WAITING).load(Ordering::SeqCst) != 0 {
+                ch.ring(C_SPACE_BELL);
+            }
+            self.last_seq = Some(p);
+            self.last_ts = ts;
+            return Ok(Some(Message {
+                inner: Arc::clone(&self.inner),
+                slot: k,
+                ptr: ch.slot_ptr(k),
+                len: ch.lay.msg_len,
+                seq: p,
+                ts,
+            }));
+        }
+    }
+
+    fn skip(&mut self, to: u64) {
+        let ch = &self.inner.ch;
+        self.missed += to - self.pos;
+        ch.sub_missed(self.inner.idx)
+            .store(self.missed, Ordering::Relaxed);
+        self.pos = to;
+        ch.sub_pos(self.inner.idx).store(to, Ordering::SeqCst);
+    }
+
+    /// Releases a pin kept with [`Message::into_raw`] (C ABI).
+    pub fn release_slot(&self, slot: usize) -> Result<()> {
+        if slot >= self.inner.ch.lay.slots {
+            return Err(Error::InvalidArgument(format!(
+                "slot {slot} is not a slot of this channel"
+            )));
+        }
+        let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner())[slot];
+        if held == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "slot {slot} holds no message received by this subscriber"
+            )));
+        }
+        self.inner.unpin(slot);
+        Ok(())
+    }
+
+    /// Stops receiving: from now on this subscriber no longer holds back a *block* publisher.
+    /// Messages already received stay valid until dropped.
+    pub fn close(&mut self) {
+        if self.inner.ch.check_pid().is_err() {
+            return;
+        }
+        let st = self.inner.ch.sub_state(self.inner.idx);
+        loop {
+            let s = st.load(Ordering::SeqCst);
+            if s & 0xf != ST_ACTIVE {
+                break;
+            }
+            if st
+                .compare_exchange(
+                    s,
+                    (s & !0xf) | ST_DRAINING,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            {
+                if self.inner.ch.u32_at(C_PUB_WAITING).load(Ordering::SeqCst) != 0 {
+                    self.inner.ch.ring(C_SPACE_BELL);
+                }
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Takes a free subscriber entry: its lock first (so a live owner is never mistaken for dead),
+/// then its state.
+fn claim_entry(ch: &Chan) -> Result<usize> {
+    for i in 0..ch.lay.subs {
+        if ch.sub_state(i).load(Ordering::SeqCst) & 0xf == ST_ACTIVE
+            && sub_alive(ch, i).unwrap_or(true)
+        {
+            continue;
+        }
+        if !liveness::ofd_lock(ch.role.as_fd(), SUB_BYTE + i as i64, libc::F_WRLCK as i16)? {
+            continue; // a live subscriber has it
+        }
+        // The lock is ours: whoever had this entry is gone. Take it, clearing a dead owner's
+        // pins first.
+        loop {
+            let s = ch.sub_state(i).load(Ordering::SeqCst);
+            match s & 0xf {
+                ST_FREE => {
+                    let generation = (s >> 4).wrapping_add(1);
+                    if ch
+                        .sub_state(i)
+                        .compare_exchange(
+                            s,
+                            generation << 4 | ST_ACTIVE,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        )
+                        .is_ok()
+                    {
+                        ch.sub_pid(i).store(std::process::id(), Ordering::Relaxed);
+                        ch.sub_missed(i).store(0, Ordering::Relaxed);
+                        return Ok(i);
+                    }
+                }
+                ST_RECLAIMING => std::thread::yield_now(),
+                _ => reclaim_entry(ch, i, s),
+            }
+        }
+    }
+    Err(Error::OutOfMemory(format!(
+        "channel {:?} has all its {} subscriber entries in use: close a subscriber, or create \
+         the channel for more (max_subscribers)",
+        ch.name, ch.lay.subs
+    )))
+}
+
+/// What `ls` shows of a channel: its layout and every subscriber's position.
+#[derive(Debug, Clone)]
+pub struct ChannelInfo {
+    /// The message type.
+    pub meta: Meta,
+    /// Slots.
+    pub slots: usize,
+    /// The policy.
+    pub policy: Policy,
+    /// Messages published.
+    pub published: u64,
+    /// The publisher closed the stream.
+    pub closed: bool,
+    /// The publisher's pid (as it saw itself), and whether its role lock is held.
+    pub publisher: (u32, bool),
+    /// Each subscriber entry in use: (pid as it saw itself, position, missed, alive).
+    pub subscribers: Vec<(u32, u64, u64, bool)>,
+}
+
+/// Describes channel `name` without subscribing.
+pub fn info(name: &str) -> Result<ChannelInfo> {
+    let mapped = shm::open(name, false)?;
+    let base = mapped.data_ptr();
+    let lay = read_layout(base, mapped.len(), name)?;
+    let role = role_file(&mapped, name)?;
+    let ch = Chan {
+        mapped: Arc::new(mapped),
+        base,
+        lay,
+        role,
+        name: name.to_owned(),
+        pid: std::process::id(),
+    };
+    let mut subs = Vec::new();
+    for i in 0..ch.lay.subs {
+        let st = ch.sub_state(i).load(Ordering::SeqCst) & 0xf;
+        if st == ST_ACTIVE || st == ST_DRAINING {
+            subs.push((
+                ch.sub_pid(i).load(Ordering::Relaxed),
+                ch.sub_pos(i).load(Ordering::Relaxed),
+                ch.sub_missed(i).load(Ordering::Relaxed),
+                sub_alive(&ch, i)?,
+            ));
+        }
+    }
+    let _ = &ch.mapped;
+    Ok(ChannelInfo {
+        meta: ch.lay.meta.clone(),
+        slots: ch.lay.slots,
+        policy: ch.lay.policy,
+        published: ch.head().load(Ordering::SeqCst),
+        closed: ch.closed().load(Ordering::SeqCst) != 0,
+        publisher: (read_u32(ch.base.as_ptr(), C_PUB_PID), ch.publisher_alive()?),
+        subscribers: subs,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// handles, for the C ABI
+
+/// Endpoints by `u64` handle, for the C ABI (and so Python): the C side passes plain integers,
+/// which are looked up (and so validated) on every call.
+pub mod handles {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, LazyLock, Mutex, RwLock};
+
+    use super::{Message, Publisher, Subscriber};
+    use crate::error::{Error, Result};
+
+    /// A subscriber and the messages handed to C, by slot (a slot holds one message at a time
+    /// while pinned, so one per slot suffices).
+    pub struct SubHandle {
+        /// The subscriber (`None` once closed).
+        pub sub: Option<Subscriber>,
+        /// Messages received through the C ABI and not yet released.
+        pub out: Vec<Option<Message>>,
+    }
+
+    type Table<T> = RwLock<HashMap<u64, Arc<Mutex<T>>>>;
+    static PUBS: LazyLock<Table<Publisher>> = LazyLock::new(Default::default);
+    static SUBS: LazyLock<Table<SubHandle>> = LazyLock::new(Default::default);
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+
+    fn get<T>(t: &Table<T>, id: u64, what: &str) -> Result<Arc<Mutex<T>>> {
+        t.read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("{what} handle {id} is not open")))
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a publisher; returns its handle.
+    pub fn add_pub(p: Publisher) -> u64 {
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        PUBS.write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::new(Mutex::new(p)));
+        id
+    }
+
+    /// Runs `f` on publisher `id`.
+    pub fn with_pub<R>(id: u64, f: impl FnOnce(&mut Publisher) -> Result<R>) -> Result<R> {
+        let p = get(&PUBS, id, "publisher")?;
+        let mut g = lock(&p);
+        f(&mut g)
+    }
+
+    /// Closes the stream of publisher `id` and forgets the handle.
+    pub fn close_pub(id: u64) -> Result<()> {
+        let p = PUBS
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+            .ok_or_else(|| Error::NotFound(format!("publisher handle {id} is not open")))?;
+        let mut g = lock(&p);
+        g.close()
+    }
+
+    /// Registers a subscriber; returns its handle.
+    pub fn add_sub(s: Subscriber) -> u64 {
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let n = s.slots();
+        SUBS.write().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Arc::new(Mutex::new(SubHandle {
+                sub: Some(s),
+                out: (0..n).map(|_| None).collect(),
+            })),
+        );
+        id
+    }
+
+    /// Runs `f` on subscriber `id`.
+    pub fn with_sub<R>(id: u64, f: impl FnOnce(&mut SubHandle) -> Result<R>) -> Result<R> {
+        let s = get(&SUBS, id, "subscriber")?;
+        let mut g = lock(&s);
+        f(&mut g)
+    }
+
+    /// Releases message `slot` of subscriber `id`; forgets a closed handle with nothing out.
+    pub fn release(id: u64, slot: usize) -> Result<()> {
+        let s = get(&SUBS, id, "subscriber")?;
+        let mut g = lock(&s);
+        match g.out.get_mut(slot).and_then(Option::take) {
+            Some(m) => drop(m),
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "slot {slot} holds no message received through subscriber handle {id}"
+                )));
+            }
+        }
+        if g.sub.is_none() && g.out.iter().all(Option::is_none) {
+            drop(g);
+            SUBS.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Closes subscriber `id`: it stops counting for *block* now; the handle stays until every
+    /// message received through it is released.
+    pub fn close_sub(id: u64) -> Result<()> {
+        let s = get(&SUBS, id, "subscriber")?;
+        let mut g = lock(&s);
+        let Some(sub) = g.sub.take() else {
+            return Err(Error::NotFound(format!(
+                "subscriber handle {id} is already closed"
+            )));
+        };
+        drop(sub);
+        if g.out.iter().all(Option::is_none) {
+            drop(g);
+            SUBS.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
+        Ok(())
+    }
+}
