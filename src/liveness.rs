@@ -502,7 +502,33 @@ fn restore_left_held(entries: impl Iterator<Item = (String, FileKey)>) {
 
 extern "C" fn recheck_at_exit() {
     // Never unwind out of an exit handler.
-    let _ = std::panic::catch_unwind(|| recheck_left_held(true));
+    let _ = std::panic::catch_unwind(|| {
+        leave_leaked_at_exit();
+        recheck_left_held(true)
+    });
+}
+
+/// At normal exit, the holds still alive are leaked ones (a DLPack consumer whose deleter
+/// skips during interpreter shutdown, a `mem::forget`, a lease never released): their mappings
+/// go with the process, but their close protocol would never run, and a segment whose last
+/// holder we are would keep its name. So run its removal half now: convert our shared lock to
+/// exclusive (only in the process that took it, with no fork since — else a child may share
+/// the open file) and, when that proves nobody else holds the segment, remove the name. The
+/// mappings stay until the process is gone; only the name goes, as it would have.
+fn leave_leaked_at_exit() {
+    let holds: Vec<Arc<Hold>> = held().values().filter_map(Weak::upgrade).collect();
+    let Ok(dir) = shm_dir() else { return };
+    let pid = std::process::id();
+    let epoch = FORKS.load(Ordering::SeqCst);
+    for h in holds {
+        if h.persistent || !h.writable || h.pid != pid || h.epoch != epoch {
+            continue;
+        }
+        let Some(fd) = h.fd.as_ref() else { continue };
+        if try_exclusive(fd.as_fd()).unwrap_or(false) {
+            let _ = remove_name_if(fd.as_fd(), dir, &h.name, h.key);
+        }
+    }
 }
 
 fn register_exit_recheck() {
@@ -562,6 +588,7 @@ impl Hold {
     /// released (a mapping made through `h.fd` keeps its open file alive, and with it any lock
     /// on it, so closing `h.fd` would not be enough).
     pub(crate) fn adopt(h: NewHold) -> Arc<Hold> {
+        register_exit_recheck();
         let pid = std::process::id();
         let mut map = held();
         // `existing` is dropped only after the map's lock (below): it may be the last strong

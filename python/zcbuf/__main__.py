@@ -1,4 +1,4 @@
-"""Command line: ``python -m zcbuf {bench,ls,gc}`` (also the ``zcbuf`` script)."""
+"""Command line: ``python -m zcbuf {bench,ls,gc,unlink}`` (also the ``zcbuf`` script)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ commands:
   bench   copy versus zero-copy benchmark: table, results.json/.csv and a plot
   ls      list zcbuf shared-memory segments (size, dtype/shape, held by which pids, age)
   gc      remove segments no process maps any more (not persistent ones); says why
+  unlink  remove the named segments now, held or not, persistent or not
 
 options: -h/--help (also after a command), -V/--version
 """
@@ -40,6 +41,20 @@ def _ls() -> int:
     return 0
 
 
+def _unlink(names: Sequence[str]) -> int:
+    from . import Error, unlink
+
+    rc = 0
+    for n in names:
+        try:
+            unlink(n)
+            print(f"removed {n}")
+        except Error as e:
+            print(f"python -m zcbuf unlink: {n}: {e}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
 def _gc() -> int:
     from . import gc_report
     from .bench import fmt_size
@@ -53,6 +68,7 @@ def _gc() -> int:
 
 _HELP = {
     "ls": "usage: python -m zcbuf ls\n\nList the zcbuf segments in /dev/shm: size, dtype/shape, which pids hold\nthem (from /proc/locks), age, persistent; and files with a zcbuf-looking name\nwhose header is unusable, with the reason.",
+    "unlink": "usage: python -m zcbuf unlink NAME [NAME ...]\n\nRemove these segments' names now, held or not, persistent or not (as\nzcbuf.unlink does): processes that map them keep their memory; nobody can open\nthem by name any more.",
     "gc": "usage: python -m zcbuf gc\n\nRemove the zcbuf segments no process maps any more (left behind by killed\nholders), except those created with persist=True; files without a valid zcbuf\nheader are never touched. Prints each removed segment with its size and why.",
 }
 
@@ -68,6 +84,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"zcbuf {__version__}")
         return 0
     cmd, rest = args[0], args[1:]
+    if cmd == "unlink":
+        if not rest or rest[0] in ("-h", "--help"):
+            print(_HELP[cmd], file=sys.stdout if rest else sys.stderr)
+            return 0 if rest else 2
+        return _unlink(rest)
     if cmd in _HELP and rest:
         if rest[0] in ("-h", "--help"):
             print(_HELP[cmd])

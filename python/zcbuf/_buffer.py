@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import operator
 import os
+import re
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _dtype
-from ._errors import CorruptError, Error, InvalidArgumentError, NotFoundError, check
+from ._errors import AlreadyExistsError, CorruptError, Error, InvalidArgumentError, NotFoundError, check
 from ._export import NATIVE, ExportBase
 from ._native import ffi, lib
 
@@ -56,7 +57,7 @@ class _Mem(ExportBase):  # type: ignore[misc, valid-type]
     protocol) is the cffi buffer over the lease, read-only when the mapping is.
     """
 
-    __slots__ = ("_export", "kind", "name", "path", "readonly", "freed")
+    __slots__ = ("_export", "_export_bytes", "kind", "name", "path", "readonly", "freed")
 
     if not NATIVE:  # pragma: no cover - not CPython: PEP 688 (3.12+) is the only route
 
@@ -66,13 +67,20 @@ class _Mem(ExportBase):  # type: ignore[misc, valid-type]
 
 def _root(mem: Any, kind: str, name: Optional[str], path: Optional[str], readonly: bool) -> Any:
     r = _new_object(_Mem)
-    r._export = mem
+    r._export = r._export_bytes = mem
     r.kind = kind
     r.name = name
     r.path = path
     r.readonly = readonly
     r.freed = False  # set by Buffer.free(): views of it then refuse to be shared
     return r
+
+
+def _descr_loses(dt: np.dtype) -> bool:
+    try:
+        return bool(np.dtype(dt.descr) != dt)
+    except (TypeError, ValueError):
+        return True
 
 
 def _release(id_: int) -> Any:
@@ -335,6 +343,8 @@ class Buffer(ExportBase):  # type: ignore[misc, valid-type]
         else:
             dt = np.dtype(dtype)
             _dtype.check_dtype(dt)
+        if shape is not None and not isinstance(shape, (int, np.integer)) and -1 in tuple(shape):
+            shape = _infer_dim(tuple(shape), dt, self._nbytes)
         if shape is None:
             if self._nbytes % dt.itemsize:
                 raise InvalidArgumentError(
@@ -368,18 +378,52 @@ class Buffer(ExportBase):  # type: ignore[misc, valid-type]
 
     @property
     def _export(self) -> np.ndarray:
-        """What ``memoryview(buf)`` exports (read by the buffer protocol's C slot): the default
-        array — typed when the buffer is, else its bytes."""
+        """What a consumer that asks for a format (``memoryview(buf)``, NumPy) gets through the
+        buffer protocol's C slot: the default array — typed when the buffer is, else its bytes.
+        Structured, void and datetime dtypes have no faithful buffer-protocol format: those
+        requests are refused (``BufferError``), so NumPy falls back to ``__array_interface__``
+        and keeps the exact dtype."""
+        d = self._array_now()
+        dt = self._dtype
+        if dt is not None and (dt.fields is not None or dt.kind in "MmV"):
+            raise BufferError(
+                f"a zcbuf buffer of dtype {dt} has no buffer-protocol format that keeps its type: "
+                "use buf.asarray() (or np.asarray(buf)); bytes(buf), hashlib and pyarrow get its "
+                "raw bytes"
+            )
+        return d
+
+    def _array_now(self) -> np.ndarray:
+        """The default array, or NotFoundError after free()."""
         d = self._default
         if d is None:
             raise self._freed_error()
         return d
 
     @property
+    def _export_bytes(self) -> Any:
+        """What a consumer that wants bytes only (``hashlib``, sockets, ``pa.py_buffer``) gets:
+        the raw bytes, for every dtype."""
+        m = self._mem
+        if m is None:
+            raise self._freed_error()
+        return m
+
+    def __bytes__(self) -> bytes:
+        """A copy of the buffer's bytes."""
+        return bytes(memoryview(self._export_bytes))
+
+    @property
     def __array_interface__(self) -> Dict[str, Any]:
         """NumPy's array interface of the default array; the consumer keeps this object (and so
         the memory) as its base."""
-        return self._export.__array_interface__
+        a = self._array_now()
+        dt = a.dtype
+        if dt.fields is not None and _descr_loses(dt):
+            # The interface carries dtype.descr, which spells padding as fields of its own:
+            # NumPy then skips to __array__, which keeps the exact dtype.
+            raise AttributeError("__array_interface__")
+        return a.__array_interface__
 
     def __dlpack__(
         self,
@@ -399,7 +443,7 @@ class Buffer(ExportBase):  # type: ignore[misc, valid-type]
         because some consumers ignore the flag — PyTorch does, and a write through its tensor
         would kill the process. ``copy=True`` always copies.
         """
-        a = self._export
+        a = self._array_now()
         if dl_device is not None and tuple(dl_device) != (1, 0):
             raise BufferError(f"zcbuf memory is on the CPU (device (1, 0)), not {tuple(dl_device)}")
         if stream is not None:
@@ -510,6 +554,18 @@ def _reopen_file(path: str, readonly: bool) -> Buffer:
     return open_file(path, readonly=readonly)
 
 
+def _infer_dim(shape: Tuple[Any, ...], dt: np.dtype, nbytes: int) -> Tuple[int, ...]:
+    """A shape with one -1 (as NumPy's reshape takes it), the -1 made to fill the buffer."""
+    if list(shape).count(-1) > 1:
+        raise InvalidArgumentError(f"shape {shape} has more than one -1")
+    rest = math.prod(int(operator.index(d)) for d in shape if d != -1) * dt.itemsize
+    if rest == 0 or nbytes % rest:
+        raise InvalidArgumentError(
+            f"shape {shape} of {dt} does not divide the buffer's {nbytes} bytes"
+        )
+    return tuple(nbytes // rest if d == -1 else int(d) for d in shape)
+
+
 def _shape_tuple(shape: ShapeLike) -> Tuple[int, ...]:
     if isinstance(shape, (int, np.integer)):
         shp: Tuple[int, ...] = (int(shape),)
@@ -531,7 +587,9 @@ def _target(shared: bool, name: Optional[str], path: Optional[PathLike]) -> Tupl
     if path is not None:
         if shared or name is not None:
             raise InvalidArgumentError("give either path= (a file) or shared=/name=, not both")
-        return lib.ZCBUF_KIND_FILE, os.fsencode(path)
+        # Absolute: the path travels to other processes (pickling, zcbuf.share) whose working
+        # directory may differ.
+        return lib.ZCBUF_KIND_FILE, os.fsencode(os.path.abspath(path))
     if name is not None or shared:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
@@ -550,6 +608,19 @@ def _flags(kind: int, reserve: bool, populate: bool, huge_pages: bool = False, p
         | (lib.ZCBUF_HUGE_PAGES if huge_pages else 0)
         | (lib.ZCBUF_PERSIST if persist else 0)
     )
+
+
+def _check_create(status: int) -> None:
+    """``check`` for creates: a name this very process still holds gets a hint saying how."""
+    try:
+        check(status)
+    except AlreadyExistsError as e:
+        if re.search(rf"\b{os.getpid()}\b", str(e)):
+            raise AlreadyExistsError(
+                f"{e} (this process is one of them: a Buffer object, array or export of that "
+                "segment is still alive here; after free(), drop the Buffer too, e.g. `del buf`)"
+            ) from None
+        raise
 
 
 def create(
@@ -585,7 +656,7 @@ def create(
         raise InvalidArgumentError(f"nbytes must be >= 0, not {n}")
     kind, target = _target(shared, name, path)
     out = ffi.new("uint64_t *")
-    check(
+    _check_create(
         lib.zcbuf_create_ex(kind, target, n, ffi.NULL, 0, ffi.NULL, 0, _flags(kind, reserve, populate, huge_pages, persist), out)
     )
     return Buffer(out[0], owned=True)
@@ -627,7 +698,7 @@ def empty(
     kind, target = _target(shared, name, path)
     dims = ffi.new("uint64_t[]", list(shp) or [0])
     out = ffi.new("uint64_t *")
-    check(
+    _check_create(
         lib.zcbuf_create_ex(
             kind, target, nbytes, text, dt.itemsize, dims, len(shp), _flags(kind, reserve, populate, huge_pages, persist), out
         )
@@ -671,12 +742,23 @@ def _as_ndarray(x: Any) -> np.ndarray:
     requires grad, for one, refuses ``__array__`` but exports DLPack)."""
     if isinstance(x, np.ndarray):
         return x
+    x = _resolve_lazy_bits(x)
     if hasattr(x, "__dlpack__") and not isinstance(x, Buffer):
         try:
             return np.from_dlpack(x)
         except (BufferError, TypeError, RuntimeError, ValueError):
             pass  # not on the CPU, or a dtype DLPack cannot carry: NumPy's other routes
     return np.asarray(x)
+
+
+def _resolve_lazy_bits(x: Any) -> Any:
+    """A torch tensor with its lazy conjugate or negative bit set exports its raw storage through
+    DLPack (the bit is lost, and with it the sign): materialise such a view first."""
+    for test, resolve in (("is_conj", "resolve_conj"), ("is_neg", "resolve_neg")):
+        t = getattr(x, test, None)
+        if callable(t) and t():
+            x = getattr(x, resolve)()
+    return x
 
 
 def from_dlpack(
@@ -704,7 +786,7 @@ def from_dlpack(
             f"{type(x).__name__} does not speak DLPack (no __dlpack__): use zcbuf.from_array"
         )
     try:
-        a = np.from_dlpack(x)
+        a = np.from_dlpack(_resolve_lazy_bits(x))
     except (BufferError, TypeError, RuntimeError) as e:
         raise InvalidArgumentError(f"cannot read {type(x).__name__} through DLPack: {e}") from None
     return from_array(a, shared=shared, name=name, path=path, persist=persist)
@@ -769,7 +851,7 @@ def open_file(path: PathLike, *, readonly: bool = False) -> Buffer:
     array([0, 0, 0])
     """
     out = ffi.new("uint64_t *")
-    check(lib.zcbuf_open_file(os.fsencode(path), lib.ZCBUF_READ_ONLY if readonly else 0, out))
+    check(lib.zcbuf_open_file(os.fsencode(os.path.abspath(path)), lib.ZCBUF_READ_ONLY if readonly else 0, out))
     return Buffer(out[0], owned=True)
 
 

@@ -10,6 +10,7 @@ pages, writable when the sender's view was.
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
@@ -40,9 +41,43 @@ def _origin(a: Any) -> Optional[_Mem]:
     return None
 
 
+def _span(a: np.ndarray) -> Tuple[int, int]:
+    """The bytes ``a`` touches, as [lo, hi) addresses."""
+    lo = hi = a.__array_interface__["data"][0]
+    if a.size:
+        for n, st in zip(a.shape, a.strides):
+            if st < 0:
+                lo += (n - 1) * st
+            else:
+                hi += (n - 1) * st
+        hi += a.itemsize
+    return lo, hi
+
+
+def _root_address(root: _Mem) -> Tuple[int, int]:
+    base = int(ffi.cast("uintptr_t", ffi.from_buffer(root._export)))
+    return base, base + len(memoryview(root._export))
+
+
+def _origin_by_address(a: np.ndarray) -> Optional[_Mem]:
+    """The zcbuf memory that contains ``a``'s bytes, for arrays whose ``base`` chain does not
+    lead to it (made through DLPack, by torch, ...): the live mappings of this process are
+    disjoint, so the one that contains the bytes is the one. A scan of the garbage collector's
+    objects: milliseconds, done once per share() of such an array."""
+    lo, hi = _span(a)
+    for o in gc.get_objects():
+        if type(o) is _Mem:
+            b, e = _root_address(o)
+            if b <= lo and hi <= e:
+                return o
+    return None
+
+
 def _spec(a: np.ndarray) -> _Spec:
     """What the receiver needs to rebuild ``a``; raises when ``a`` cannot be sent as a view."""
     root = _origin(a)
+    if root is None:
+        root = _origin_by_address(a)
     if root is None:
         raise InvalidArgumentError(
             "this array is not a view of zcbuf memory, so it cannot be sent without a copy: "
@@ -60,21 +95,13 @@ def _spec(a: np.ndarray) -> _Spec:
         )
     where = root.name if root.kind == "shared" else root.path
     assert where is not None
-    data = a.__array_interface__["data"][0]
-    base = int(ffi.cast("uintptr_t", ffi.from_buffer(root._export)))
-    nbytes = len(memoryview(root._export))
-    offset = data - base
-    lo = hi = offset
-    if a.size:
-        for n, st in zip(a.shape, a.strides):
-            if st < 0:
-                lo += (n - 1) * st
-            else:
-                hi += (n - 1) * st
-        hi += a.itemsize
-    if lo < 0 or hi > nbytes:  # not expected of a real view; checked so the receiver never is
+    base, end = _root_address(root)
+    offset = a.__array_interface__["data"][0] - base
+    lo, hi = _span(a)
+    if lo < base or hi > end:  # not expected of a real view; checked so the receiver never is
         raise InvalidArgumentError(
-            f"the array spans bytes {lo}..{hi} of a {nbytes}-byte buffer: not a view of it"
+            f"the array spans bytes {lo - base}..{hi - base} of a {end - base}-byte buffer: "
+            "not a view of it"
         )
     readonly = root.readonly or not a.flags.writeable
     return (root.kind, where, readonly, offset, tuple(a.shape), tuple(a.strides), a.dtype)
@@ -117,6 +144,10 @@ class SharedView:
     def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
         a = self.array
         if dtype is not None and np.dtype(dtype) != a.dtype:
+            if copy is False:
+                raise ValueError(
+                    f"converting {a.dtype} to {np.dtype(dtype)} needs a copy, but copy=False"
+                )
             return a.astype(dtype)
         return a.copy() if copy else a
 
@@ -128,11 +159,13 @@ class SharedView:
         )
 
 
-def share(obj: Union[np.ndarray, Buffer, "SharedView"]) -> Union["SharedView", Buffer]:
+def share(obj: Union[np.ndarray, Buffer, "SharedView", Any]) -> Union["SharedView", Buffer]:
     """A handle that sends ``obj`` to another process as a view of the same pages, not a copy.
 
     ``obj`` is an array over a shared or file buffer, or any view of one (slice, reshape,
-    transpose, strided view, ``view(dtype)``). The handle pickles as the buffer's name or path
+    transpose, strided view, ``view(dtype)``), also one made through DLPack or by another
+    library (a torch tensor over zcbuf memory: it arrives as an ndarray — wrap it with
+    ``torch.from_numpy`` there). The handle pickles as the buffer's name or path
     plus the view's offset, shape, strides and dtype, and unpickles as an ``ndarray`` over the
     same memory: the receiver's writes are seen by the sender (unless the view was read-only).
     A :class:`Buffer` already pickles as a handle and is returned as is.
@@ -149,7 +182,15 @@ def share(obj: Union[np.ndarray, Buffer, "SharedView"]) -> Union["SharedView", B
             raise obj._freed_error()
         return obj
     if not isinstance(obj, np.ndarray):
-        raise InvalidArgumentError(
-            f"zcbuf.share takes a NumPy array over zcbuf memory or a Buffer, not {type(obj).__name__}"
-        )
+        if not hasattr(obj, "__dlpack__"):
+            raise InvalidArgumentError(
+                "zcbuf.share takes an array over zcbuf memory (NumPy, or any DLPack producer "
+                f"such as a torch tensor) or a Buffer, not {type(obj).__name__}"
+            )
+        try:
+            obj = np.from_dlpack(obj)  # a view, on the CPU: no copy
+        except (BufferError, TypeError, RuntimeError) as e:
+            raise InvalidArgumentError(
+                f"zcbuf.share cannot view {type(obj).__name__} without a copy: {e}"
+            ) from None
     return SharedView(obj)

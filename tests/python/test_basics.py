@@ -135,7 +135,7 @@ def test_asarray_dtype_and_shape_checks():
     with pytest.raises(ValueError):
         buf.asarray(object)
     with pytest.raises(ValueError):
-        buf.asarray("u1", shape=(-1,))
+        buf.asarray("u1", shape=(-2,))
     with pytest.raises(zcbuf.InvalidArgumentError):
         buf.asarray("u1", shape=("x",))
     buf.free()
@@ -285,3 +285,14 @@ def test_many_views_add_little_rss():
     assert len({addr(v) for v in views}) == 1
     del views, base
     buf.free()
+
+
+def test_asarray_infers_one_minus_one_dimension():
+    b = zcbuf.create(48)
+    assert b.asarray("f4", shape=(2, -1)).shape == (2, 6)
+    assert b.asarray("u1", (-1, 4)).shape == (12, 4)
+    with pytest.raises(zcbuf.InvalidArgumentError, match="does not divide"):
+        b.asarray("f4", shape=(5, -1))
+    with pytest.raises(zcbuf.InvalidArgumentError, match="more than one -1"):
+        b.asarray("u1", shape=(-1, -1))
+    b.free()

@@ -41,3 +41,19 @@ def test_bench_smoke(tmp_path):
     assert {"zcbuf asarray()", "attach: zcbuf", "attach: shared_memory", "handoff: pickle"} <= methods
     assert (out / "results.csv").exists()
     assert all(r["median_s"] > 0 for r in data["rows"])
+
+
+def test_unlink_removes_persistent_and_held_names_and_reports_missing():
+    name = f"cli-unlink-{os.getpid()}"
+    held = zcbuf.create(16, name=name + "-held")
+    zcbuf.create(16, name=name + "-p", persist=True).free()
+    assert os.path.exists(f"/dev/shm/{name}-p")
+    p = run("unlink", name + "-p", name + "-held", name + "-missing")
+    assert p.returncode == 1
+    assert f"removed {name}-p" in p.stdout and f"removed {name}-held" in p.stdout
+    assert name + "-missing" in p.stderr and p.stderr.count("\n") == 1
+    assert not os.path.exists(f"/dev/shm/{name}-p") and not os.path.exists(f"/dev/shm/{name}-held")
+    held.asarray()[0] = 1  # the holder keeps its memory
+    held.free()
+    assert run("unlink").returncode == 2 and "usage" in run("unlink").stderr
+    assert run("unlink", "--help").returncode == 0

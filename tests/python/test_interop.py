@@ -6,6 +6,7 @@ memory after ``free()`` (the consumer outlives the Buffer object and the id).
 """
 
 import collections.abc
+import os
 import ctypes
 import gc
 import pickle
@@ -356,3 +357,76 @@ def test_exports_do_not_pickle_memory():
     buf = typed()
     assert len(pickle.dumps(buf)) < 200
     buf.free()
+
+
+# -- the adversarial review's reproductions -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    ["V8", {"names": ["x"], "formats": ["<i4"], "offsets": [4], "itemsize": 12}, "M8[ns]",
+     [("a", "<i4"), ("b", "<f8")]],
+    ids=["void", "padded-struct", "datetime", "struct"],
+)
+def test_dtypes_without_a_faithful_format_keep_their_type_and_bytes(dtype):
+    """NumPy keeps the exact dtype (it falls back from the buffer protocol); byte consumers
+    (bytes, hashlib, pyarrow) get the raw bytes; memoryview says why it cannot."""
+    import hashlib
+
+    dt = np.dtype(dtype)
+    buf = zcbuf.empty(3, dt, shared=True)
+    raw = buf.asarray().view("u1")
+    raw[:] = np.arange(raw.size) % 251
+    assert np.asarray(buf).dtype == dt and np.array([buf, buf]).shape == (2, 3)
+    assert addr(np.asarray(buf)) == addr(buf.asarray())
+    assert bytes(buf) == raw.tobytes()
+    assert hashlib.sha256(buf).digest() == hashlib.sha256(raw.tobytes()).digest()
+    with pytest.raises(BufferError, match="no buffer-protocol format"):
+        memoryview(buf)
+    pa = pytest.importorskip("pyarrow")
+    assert pa.py_buffer(buf).to_pybytes() == raw.tobytes()
+    buf.free()
+
+
+def test_with_block_reusing_a_name_says_how():
+    name = f"interop-loop-{os.getpid()}"
+    with zcbuf.create(64, name=name) as b:
+        pass
+    # The freed Buffer object still maps it (it keeps its memory while it lives): the error
+    # says so, and dropping it is enough.
+    with pytest.raises(zcbuf.AlreadyExistsError, match="this process is one of them"):
+        zcbuf.create(64, name=name)
+    del b
+    gc.collect()
+    with zcbuf.create(64, name=name) as b:
+        pass
+    del b
+
+
+def test_dlpack_consumer_alive_at_exit_leaves_no_name(tmp_path):
+    """NumPy's DLPack deleter does nothing during interpreter shutdown, so the lease of a
+    module-level consumer is never released: the exit handler still removes the name of a
+    segment this process held last."""
+    import subprocess
+
+    code = (
+        "import numpy as np, zcbuf\n"
+        "buf = zcbuf.empty(4, 'f4', shared=True)\n"
+        "a = np.from_dlpack(buf)\n"
+        "print(buf.name)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    name = p.stdout.strip()
+    assert name and not os.path.exists(f"/dev/shm/{name}"), f"{name} left behind at exit"
+
+
+def test_torch_lazy_negative_and_conjugate_bits():
+    torch = pytest.importorskip("torch")
+    z = torch.tensor([1 + 2j, 3 - 4j])
+    neg = z.conj().imag  # a lazy negative view: DLPack alone would lose the sign
+    assert neg.is_neg()
+    assert zcbuf.from_array(neg).asarray().tolist() == [-2.0, 4.0]
+    assert zcbuf.from_dlpack(neg).asarray().tolist() == [-2.0, 4.0]
+    c = z.conj()  # a lazy conjugate
+    assert zcbuf.from_dlpack(c).asarray().tolist() == [1 - 2j, 3 + 4j]

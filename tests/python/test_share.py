@@ -105,7 +105,7 @@ def test_share_refuses_what_cannot_be_sent():
     priv = zcbuf.create(16)
     with pytest.raises(zcbuf.InvalidArgumentError, match="private"):
         zcbuf.share(priv.asarray()[2:])
-    with pytest.raises(zcbuf.InvalidArgumentError, match="NumPy array"):
+    with pytest.raises(zcbuf.InvalidArgumentError, match="DLPack producer"):
         zcbuf.share([1, 2])
     buf = zcbuf.create(16, shared=True)
     assert zcbuf.share(buf) is buf  # a Buffer already pickles as a handle
@@ -134,3 +134,76 @@ def test_freed_buffer_refuses_to_pickle_pool_does_not_hang():
         with pytest.raises(zcbuf.NotFoundError):
             f.result(timeout=60)
         assert ex.submit(len, [1]).result(timeout=60) == 1  # not broken
+
+
+def _write_seven(v):
+    v[...] = 7
+    import os as _os
+
+    return _os.getcwd()
+
+
+def test_file_views_reach_the_same_file_from_another_cwd(tmp_path):
+    """A file made with a relative path travels as an absolute one: a worker in another
+    directory writes to the sender's file, never to a namesake there."""
+    import os
+
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    old = os.getcwd()
+    os.chdir(a_dir)
+    try:
+        buf = zcbuf.empty(4, "i8", path="data.zcbuf")
+        zcbuf.empty(4, "i8", path=str(b_dir / "data.zcbuf")).free()  # a namesake elsewhere
+    finally:
+        os.chdir(old)
+    assert buf.path == str(a_dir / "data.zcbuf")
+    ctx = mp.get_context("spawn")
+    os.chdir(b_dir)  # spawn workers start in the parent's cwd at the time
+    try:
+        with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            assert ex.submit(_write_seven, zcbuf.share(buf.asarray())).result(timeout=60) == str(b_dir)
+            assert ex.submit(len, buf).result(timeout=60) == 32  # a pickled Buffer too
+    finally:
+        os.chdir(old)
+    assert buf.asarray().tolist() == [7, 7, 7, 7]
+    assert zcbuf.open_file(str(b_dir / "data.zcbuf")).asarray().tolist() == [0, 0, 0, 0]
+    buf.free()
+
+
+def test_shared_view_array_respects_copy_false():
+    buf = zcbuf.empty(4, "f4", shared=True)
+    h = zcbuf.share(buf.asarray())
+    assert np.asarray(h, copy=False) is h.array or np.shares_memory(np.asarray(h, copy=False), buf.asarray())
+    with pytest.raises(ValueError, match="copy=False"):
+        np.asarray(h, dtype="f8", copy=False)
+    buf.free()
+
+
+def _add_one(v):
+    v += 1
+    return type(v).__name__
+
+
+def test_share_finds_zcbuf_memory_behind_dlpack_and_torch():
+    """Arrays over zcbuf memory whose base chain does not lead back to it (made through DLPack,
+    or by torch) are still sent as views: found by address among this process's mappings."""
+    buf = zcbuf.empty((3, 4), "f4", shared=True)
+    a = buf.asarray()
+    via_dlpack = np.from_dlpack(buf)
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        assert ex.submit(_add_one, zcbuf.share(via_dlpack[1])).result(timeout=60) == "ndarray"
+        assert (a[1] == 1).all() and a.sum() == 4
+        torch = None
+        try:
+            import torch  # noqa: F811
+        except ImportError:
+            pass
+        if torch is not None:
+            t = torch.from_dlpack(buf)
+            assert ex.submit(_add_one, zcbuf.share(t[2])).result(timeout=60) == "ndarray"
+            assert (a[2] == 1).all() and float(t.sum()) == 8
+    with pytest.raises(zcbuf.InvalidArgumentError, match="not a view of zcbuf memory"):
+        zcbuf.share(np.from_dlpack(np.zeros(3)))
+    buf.free()
