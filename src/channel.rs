@@ -259,7 +259,12 @@ struct Chan {
     role: OwnedFd,
     name: String,
     pid: u32,
+    /// [`FORK_CHILD`] when this endpoint was made: another value means we are a fork child.
+    child_gen: u64,
 }
+
+/// Bumped in every fork child (see `role_after_fork_child`).
+static FORK_CHILD: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: `Chan` is an `Arc<Mapped>` (owned by the registry type, never moved, unmapped only
 // when the last reference goes), a base address into that mapping, plain layout data, and a
@@ -332,7 +337,8 @@ impl Chan {
         NonNull::new(p).expect("inside a mapping")
     }
     fn check_pid(&self) -> Result<()> {
-        if std::process::id() != self.pid {
+        // A fork child bumps FORK_CHILD (in its atfork handler): one load, not a getpid call.
+        if FORK_CHILD.load(Ordering::Relaxed) != self.child_gen {
             return Err(Error::InvalidArgument(format!(
                 "channel {:?}: this endpoint was made by process {} before a fork; a forked \
                  child cannot use it: publish or subscribe anew in the child",
@@ -425,6 +431,7 @@ extern "C" fn role_after_fork_parent() {
 /// side for as long as the child lives. Each is replaced by /dev/null (the endpoint objects the
 /// child inherited then refuse to work: see `Chan::check_pid`).
 extern "C" fn role_after_fork_child() {
+    FORK_CHILD.fetch_add(1, Ordering::Relaxed);
     let _ = FORK_GUARD.try_with(|s| {
         if let Ok(mut s) = s.try_borrow_mut() {
             if let Some(g) = s.as_mut() {
@@ -504,6 +511,9 @@ impl Drop for Chan {
 /// endpoints of this process use it.
 pub struct Publisher {
     ch: Arc<Chan>,
+    /// The slowest active subscriber's position when last computed (positions only grow, so
+    /// it stays a lower bound: using it is conservative); recomputed when it is in the way.
+    min_cache: Option<u64>,
     /// Next slot to consider (round robin from the oldest).
     next: usize,
     /// Slots loaned and not yet sent or cancelled.
@@ -565,11 +575,13 @@ impl Publisher {
             role,
             name,
             pid: std::process::id(),
+            child_gen: FORK_CHILD.load(Ordering::Relaxed),
         };
         init_control(&ch);
         let n = ch.lay.slots;
         Ok(Publisher {
             ch: Arc::new(ch),
+            min_cache: None,
             next: 0,
             loaned: vec![false; n],
             closed: false,
@@ -694,14 +706,30 @@ impl Publisher {
         }
     }
 
-    /// One pass over the slots: claims a free one, or `None`.
+    /// One pass over the slots: claims a free one, or `None` (after looking at the subscribers'
+    /// positions afresh when the cached ones were in the way).
     fn try_claim(&mut self, reclaim: bool) -> Result<Option<usize>> {
+        match self.try_claim_with(reclaim, false)? {
+            Some(k) => Ok(Some(k)),
+            None if self.ch.lay.policy == Policy::Block => self.try_claim_with(reclaim, true),
+            None => Ok(None),
+        }
+    }
+
+    fn try_claim_with(&mut self, reclaim: bool, fresh: bool) -> Result<Option<usize>> {
         let ch = &self.ch;
         let n = ch.lay.slots;
         let head = ch.head().load(Ordering::Relaxed);
         let min = match ch.lay.policy {
             Policy::Block => {
-                let m = self.min_position(reclaim)?;
+                let m = match self.min_cache {
+                    Some(m) if !fresh && head < m + n as u64 => Some(m),
+                    _ => {
+                        let m = self.min_position(reclaim)?;
+                        self.min_cache = m;
+                        m
+                    }
+                };
                 if let Some(m) = m {
                     // Publishing `head` overwrites log entry `head - n`: every active
                     // subscriber must be past it.
@@ -736,13 +764,20 @@ impl Publisher {
             if ch.pinned(k) {
                 continue;
             }
-            // Claim, then look for pins again: a subscriber pins (SeqCst) before it checks the
-            // slot's sequence (SeqCst); we mark (SeqCst) before we check the pins, so at least
-            // one of us sees the other and backs off (docs/channels.md, "claiming a slot").
-            ch.slot_seq(k).store(WRITING, Ordering::SeqCst);
-            if ch.pinned(k) {
-                ch.slot_seq(k).store(s1, Ordering::SeqCst);
-                continue;
+            if ch.lay.policy == Policy::Latest {
+                // Claim, then look for pins again: a subscriber pins (SeqCst) before it checks
+                // the slot's sequence (SeqCst); we mark (SeqCst) before we check the pins, so
+                // at least one of us sees the other and backs off (docs/channels.md).
+                ch.slot_seq(k).store(WRITING, Ordering::SeqCst);
+                if ch.pinned(k) {
+                    ch.slot_seq(k).store(s1, Ordering::SeqCst);
+                    continue;
+                }
+            } else {
+                // Under block no subscriber starts reading a consumed message, and a pin is
+                // set before the position that makes a message consumed moves (both SeqCst):
+                // the check above saw it. The mark is for our bookkeeping only.
+                ch.slot_seq(k).store(WRITING, Ordering::Relaxed);
             }
             self.next = (k + 1) % n;
             return Ok(Some(k));
@@ -762,7 +797,7 @@ impl Publisher {
         let ch = &self.ch;
         let s = ch.head().load(Ordering::Relaxed);
         let i = (s % ch.lay.slots as u64) as usize;
-        ch.slot_seq(slot).store(s + 1, Ordering::SeqCst);
+        ch.slot_seq(slot).store(s + 1, Ordering::Release);
         ch.log_slot(i).store(slot as u32, Ordering::Relaxed);
         ch.log_ts(i).store(now_ns(), Ordering::Relaxed);
         ch.log_seq(i).store(s + 1, Ordering::Release);
@@ -896,9 +931,44 @@ struct SubInner {
     /// Views alive per slot; the slot's pin bit is set while its count is nonzero. Transitions
     /// 0 <-> 1 happen under this lock, so the bit never disagrees with the count.
     held: Mutex<Vec<u32>>,
+    /// *block* only: `seq + 1` of the last message received while it is *soft-pinned* — held
+    /// by our shared position not moving past it, without touching the slot's pin word — or 0.
+    /// Exactly one of the message's drop and the next `recv` (which *hardens* it with a real
+    /// pin when it is still alive) wins the compare-and-swap that clears it.
+    soft: AtomicU64,
+    /// The slot of the soft-pinned message.
+    soft_slot: AtomicU32,
 }
 
 impl SubInner {
+    /// Moves our shared position forward to `to` (never back: two threads may race here).
+    fn advance(&self, to: u64) {
+        self.ch.sub_pos(self.idx).fetch_max(to, Ordering::SeqCst);
+        if self.ch.u32_at(C_PUB_WAITING).load(Ordering::SeqCst) != 0 {
+            self.ch.ring(C_SPACE_BELL);
+        }
+    }
+
+    /// Turns the soft pin of a message still alive into a real pin, so our position can move
+    /// on; a message dropped meanwhile has advanced the position itself.
+    fn harden(&self) {
+        let prev = self.soft.load(Ordering::Acquire);
+        if prev == 0 {
+            return;
+        }
+        let k = self.soft_slot.load(Ordering::Relaxed) as usize;
+        self.pin(k);
+        if self
+            .soft
+            .compare_exchange(prev, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.advance(prev);
+        } else {
+            self.unpin(k);
+        }
+    }
+
     fn bit(&self) -> (usize, u64) {
         (self.idx / 64, 1u64 << (self.idx % 64))
     }
@@ -964,6 +1034,8 @@ impl Drop for SubInner {
 pub struct Subscriber {
     inner: Arc<SubInner>,
     pos: u64,
+    /// The head last read (block: messages below it need no new read of the head).
+    head_seen: u64,
     missed: u64,
     last_seq: Option<u64>,
     last_ts: u64,
@@ -977,6 +1049,8 @@ pub struct Message {
     len: usize,
     seq: u64,
     ts: u64,
+    /// Received soft-pinned (see `SubInner::soft`).
+    soft: bool,
 }
 
 // SAFETY: a Message is an Arc of a Sync inner (atomics and a mutex), a slot index and a raw
@@ -1031,7 +1105,18 @@ impl Message {
 
 impl Drop for Message {
     fn drop(&mut self) {
-        self.inner.unpin(self.slot);
+        let me = self.seq + 1;
+        if self.soft
+            && self
+                .inner
+                .soft
+                .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.inner.advance(me); // still soft: consumed now
+        } else {
+            self.inner.unpin(self.slot); // hardened by a later recv (or a hard pin)
+        }
     }
 }
 
@@ -1143,6 +1228,7 @@ impl Subscriber {
             role,
             name: name.to_owned(),
             pid: std::process::id(),
+            child_gen: FORK_CHILD.load(Ordering::Relaxed),
         });
         let idx = claim_entry(&ch)?;
         let n = ch.lay.slots;
@@ -1150,6 +1236,8 @@ impl Subscriber {
             ch,
             idx,
             held: Mutex::new(vec![0; n]),
+            soft: AtomicU64::new(0),
+            soft_slot: AtomicU32::new(0),
         });
         let ch = &inner.ch;
         let pos = ch.head().load(Ordering::SeqCst);
@@ -1157,6 +1245,7 @@ impl Subscriber {
         Ok(Subscriber {
             inner,
             pos,
+            head_seen: pos,
             missed: 0,
             last_seq: None,
             last_ts: 0,
@@ -1263,7 +1352,15 @@ impl Subscriber {
         let ch = Arc::clone(&self.inner.ch);
         let n = ch.lay.slots as u64;
         loop {
-            let head = ch.head().load(Ordering::Acquire);
+            // The head seen last time still has messages for us: no need to read the shared
+            // word (a cache line the publisher writes at every message) again.
+            let head = if self.head_seen > self.pos && ch.lay.policy == Policy::Block {
+                self.head_seen
+            } else {
+                let h = ch.head().load(Ordering::Acquire);
+                self.head_seen = h;
+                h
+            };
             if head <= self.pos {
                 return Ok(None);
             }
@@ -1295,11 +1392,20 @@ impl Subscriber {
                     ch.name
                 )));
             }
-            // Pin, then check that the slot still holds message p (see try_claim).
-            self.inner.pin(k);
-            if ch.slot_seq(k).load(Ordering::SeqCst) != p + 1 {
-                self.inner.unpin(k);
-                continue;
+            let soft = ch.lay.policy == Policy::Block;
+            if soft {
+                // Under block our shared position (p: we have not moved past p) keeps the
+                // publisher off message p's slot and log entry, so no pin is needed for it now;
+                // the previous message, if still alive, gets a real pin so the position can
+                // move on when this one is consumed.
+                self.inner.harden();
+            } else {
+                // Pin, then check that the slot still holds message p (see try_claim).
+                self.inner.pin(k);
+                if ch.slot_seq(k).load(Ordering::SeqCst) != p + 1 {
+                    self.inner.unpin(k);
+                    continue;
+                }
             }
             // The log entry could have been rewritten between our reads of seq and slot/ts:
             // the slot's own sequence proves `k` holds p; re-read the timestamp's entry.
@@ -1309,9 +1415,11 @@ impl Subscriber {
                 0
             };
             self.pos = p + 1;
-            ch.sub_pos(self.inner.idx).store(self.pos, Ordering::SeqCst);
-            if ch.u32_at(C_PUB_WAITING).load(Ordering::SeqCst) != 0 {
-                ch.ring(C_SPACE_BELL);
+            if soft {
+                self.inner.soft_slot.store(k as u32, Ordering::Relaxed);
+                self.inner.soft.store(p + 1, Ordering::Release);
+            } else {
+                self.inner.advance(p + 1);
             }
             self.last_seq = Some(p);
             self.last_ts = ts;
@@ -1322,17 +1430,19 @@ impl Subscriber {
                 len: ch.lay.msg_len,
                 seq: p,
                 ts,
+                soft,
             }));
         }
     }
 
     fn skip(&mut self, to: u64) {
+        self.inner.harden();
         let ch = &self.inner.ch;
         self.missed += to - self.pos;
         ch.sub_missed(self.inner.idx)
             .store(self.missed, Ordering::Relaxed);
         self.pos = to;
-        ch.sub_pos(self.inner.idx).store(to, Ordering::SeqCst);
+        self.inner.advance(to);
     }
 
     /// Releases a pin kept with [`Message::into_raw`] (C ABI).
@@ -1358,6 +1468,8 @@ impl Subscriber {
         if self.inner.ch.check_pid().is_err() {
             return;
         }
+        // A message still alive must keep its slot once our position stops counting.
+        self.inner.harden();
         let st = self.inner.ch.sub_state(self.inner.idx);
         loop {
             let s = st.load(Ordering::SeqCst);
@@ -1466,6 +1578,7 @@ pub fn info(name: &str) -> Result<ChannelInfo> {
         role,
         name: name.to_owned(),
         pid: std::process::id(),
+        child_gen: FORK_CHILD.load(Ordering::Relaxed),
     };
     let mut subs = Vec::new();
     for i in 0..ch.lay.subs {
