@@ -1306,6 +1306,9 @@ impl Subscriber {
                 Some(t) => {
                     let e = start.elapsed();
                     if e >= t {
+                        if ch.head().load(Ordering::SeqCst) <= self.pos && !ch.publisher_alive()? {
+                            return Err(closed_error(&ch.name, true));
+                        }
                         return Err(timeout_error("no message came", &ch.name, t));
                     }
                     Some(t - e)
@@ -1518,6 +1521,10 @@ fn claim_entry(ch: &Chan) -> Result<usize> {
             let s = ch.sub_state(i).load(Ordering::SeqCst);
             match s & 0xf {
                 ST_FREE => {
+                    // A position from this entry's previous owner must not hold back (or
+                    // mislead) the publisher: start at the head.
+                    ch.sub_pos(i)
+                        .store(ch.head().load(Ordering::SeqCst), Ordering::SeqCst);
                     let generation = (s >> 4).wrapping_add(1);
                     if ch
                         .sub_state(i)
@@ -1659,8 +1666,14 @@ pub mod handles {
         f(&mut g)
     }
 
-    /// Closes the stream of publisher `id` and forgets the handle.
+    /// Closes the stream of publisher `id`; the handle stays (loans can still be cancelled).
     pub fn close_pub(id: u64) -> Result<()> {
+        with_pub(id, |p| p.close())
+    }
+
+    /// Closes the stream of publisher `id` if open, and forgets the handle: its loans' memory
+    /// may go with it.
+    pub fn free_pub(id: u64) -> Result<()> {
         let p = PUBS
             .write()
             .unwrap_or_else(|p| p.into_inner())

@@ -107,7 +107,11 @@ class _Loan:
             st = lib.zcbuf_pub_loan(pub._id, us, ptr, slot)
         check(st)
         self._slot = int(slot[0])
-        a = _frombuffer(_ffi_buffer(ptr[0], pub._nbytes), pub._dtype, pub._count).reshape(pub._shape)
+        # The array keeps the Publisher object (so the native publisher, and the mapping) alive:
+        # writing to it can never fault, even after close() or once the publisher object is
+        # otherwise gone (the writes then reach a slot nobody reads).
+        keep = _gc(ptr[0], lambda _c, p=pub: None)
+        a = _frombuffer(_ffi_buffer(keep, pub._nbytes), pub._dtype, pub._count).reshape(pub._shape)
         self._array = a
         return a
 
@@ -129,10 +133,11 @@ class Publisher:
     learn it from the kernel (within about 50 ms) after draining what was sent.
     """
 
-    __slots__ = ("_id", "_name", "_shape", "_dtype", "_nbytes", "_count", "_slots", "_policy", "_seq", "_seq_out", "__weakref__")
+    __slots__ = ("_id", "_handle", "_name", "_shape", "_dtype", "_nbytes", "_count", "_slots", "_policy", "_seq", "_seq_out", "__weakref__")
 
     def __init__(self, id_: int, desc: Any) -> None:
         self._id = 0
+        self._handle = id_  # released by __del__ only: loan arrays keep this object alive
         shape, dt, nbytes, slots, policy = _describe(desc)
         n = _new("size_t *")
         check(lib.zcbuf_pub_name(id_, ffi.NULL, 0, n))
@@ -248,8 +253,7 @@ class Publisher:
 
     def __del__(self) -> None:
         try:
-            if self._id:
-                lib.zcbuf_pub_close(self._id)
+            lib.zcbuf_pub_free(self._handle)
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
 
