@@ -608,6 +608,13 @@ impl Publisher {
     pub fn policy(&self) -> Policy {
         self.ch.lay.policy
     }
+    /// Subscribers receiving now (entries in use and not closed).
+    pub fn subscribers(&self) -> usize {
+        (0..self.ch.lay.subs)
+            .filter(|&i| self.ch.sub_state(i).load(Ordering::SeqCst) & 0xf == ST_ACTIVE)
+            .count()
+    }
+
     /// Messages published so far.
     pub fn published(&self) -> u64 {
         self.ch.head().load(Ordering::Relaxed)
@@ -723,7 +730,7 @@ impl Publisher {
         let min = match ch.lay.policy {
             Policy::Block => {
                 let m = match self.min_cache {
-                    Some(m) if !fresh && head < m + n as u64 => Some(m),
+                    Some(m) if !fresh && !reclaim && head < m + n as u64 => Some(m),
                     _ => {
                         let m = self.min_position(reclaim)?;
                         self.min_cache = m;

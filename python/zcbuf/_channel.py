@@ -190,6 +190,29 @@ class Publisher:
         if self._id == 0:
             raise ChannelClosed(f"publisher of channel {self._name!r} is closed")
 
+    @property
+    def subscribers(self) -> int:
+        """How many subscribers are receiving now."""
+        self._check_open()
+        n = _new("uint32_t *")
+        check(lib.zcbuf_pub_subscribers(self._id, n))
+        return int(n[0])
+
+    def wait_for_subscribers(self, count: int = 1, timeout: Optional[float] = None) -> None:
+        """Waits until at least ``count`` subscribers receive (subscribers see the messages
+        published after they subscribed: a producer that must not lose the first messages
+        waits for its consumers first). Raises :class:`zcbuf.Timeout`."""
+        deadline = None if timeout is None else _monotonic() + timeout
+        pause = 0.0002
+        while self.subscribers < count:
+            if deadline is not None and _monotonic() >= deadline:
+                raise Timeout(
+                    f"channel {self._name!r}: {self.subscribers} of {count} subscribers after "
+                    f"{timeout} s"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
     def loan(self, timeout: Optional[float] = None) -> _Loan:
         """A context manager yielding a writable array over a free slot, to fill in place; the
         message is sent when the block ends (and the slot given back unsent on an exception).
