@@ -93,6 +93,9 @@ typedef struct {
   uint64_t leases;
   // 1 for a shared buffer created to persist (`ZCBUF_PERSIST`), else 0.
   uint32_t persistent;
+  // 1 for a shared buffer whose segment is sealed (`zcbuf_seal`, by any process), else 0.
+  // (Added after `persistent`, in what was padding: the struct's size is unchanged.)
+  uint32_t sealed;
 } zcbuf_info_t;
 
 // What `zcbuf_open_shared_acquire` fills in: an opened buffer, one lease on it, and its
@@ -147,6 +150,26 @@ int32_t zcbuf_open_shared(const char *name, uint32_t flags, uint64_t *out_id);
 // # Safety
 // `name` must be NULL or a NUL-terminated string; `out` NULL or valid for a write.
 int32_t zcbuf_open_shared_acquire(const char *name, uint32_t flags, zcbuf_opened_t *out);
+
+// Opens the shared buffer `name` once it exists and is sealed (`zcbuf_seal`, in any process),
+// waiting up to `timeout_ms` milliseconds (0: look once; `UINT64_MAX`: no limit), and writes
+// its id to `out_id`. A sealed segment is mapped read-only whatever `flags` (0 or
+// `ZCBUF_READ_ONLY`) say. The wait uses no CPU (inotify on /dev/shm, and a look every 100 ms)
+// and continues through signals; call it in slices to react to one. `ZCBUF_ETIMEDOUT` when the
+// time runs out (the message says whether the name exists); `ZCBUF_ENOTFOUND` at once when the
+// name exists unsealed and no process holds it any more (its creator died before sealing).
+//
+// # Safety
+// `name` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
+int32_t zcbuf_open_shared_wait(const char *name, uint32_t flags, uint64_t timeout_ms, uint64_t *out_id);
+
+// Seals shared buffer `id`: its segment becomes immutable. Every later open of it, in any
+// process, maps it read-only (also without `ZCBUF_READ_ONLY`), and `zcbuf_info` reports this
+// id `readonly` and `sealed`. Pointers from `zcbuf_acquire` taken before, and other processes'
+// writable opens made before, keep their writable mapping (nothing is re-protected under
+// them): seal when the writing is done. Idempotent. `ZCBUF_EINVAL` for private and file
+// buffers; `ZCBUF_EREADONLY` for an id opened read-only of a segment not sealed yet.
+int32_t zcbuf_seal(uint64_t id);
 
 // Creates a file-backed buffer of `len` data bytes at `path`, which must not exist (mode 0600,
 // links not followed, pages reserved), and writes its id to `out_id`.
@@ -262,8 +285,9 @@ int32_t zcbuf_gc(char *buf, size_t cap, size_t *out_len, size_t *out_count);
 // Lists the zcbuf segments in /dev/shm as text, one per line, fields separated by tabs:
 // name, data length, dtype, shape (dimensions joined by `,`), held (1 when some process maps
 // it, else 0), holder pids as `/proc/locks` names them (joined by `,`; may be empty while
-// held), persistent (1 or 0), creation time (ns since the epoch), creator pid, and a problem
-// ("" when the header is valid).
+// held), persistent (1 or 0), creation time (ns since the epoch), creator pid, a problem
+// ("" when the header is valid), and sealed (1 or 0; added last, so readers of the first ten
+// fields are unaffected).
 // Copied into `buf` like `zcbuf_name`; `out_len` gets the full length.
 //
 // # Safety

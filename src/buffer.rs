@@ -197,6 +197,8 @@ struct Raw<'a> {
     ptr: *mut u8,
     len: usize,
     readonly: bool,
+    /// Sealed through this buffer (then also `readonly`).
+    sealed: bool,
     id: u64,
     meta: &'a Meta,
 }
@@ -207,6 +209,7 @@ impl Raw<'_> {
             ptr: lease.as_ptr(),
             len: lease.len(),
             readonly: lease.readonly(),
+            sealed: lease.mapped().sealed_here(),
             id: lease.id(),
             meta: lease.meta(),
         }
@@ -251,6 +254,12 @@ impl Raw<'_> {
     }
 
     fn writable(&self) -> Result<()> {
+        if self.sealed {
+            return Err(Error::ReadOnly(format!(
+                "buffer id {} is sealed: its segment is immutable from the seal on",
+                self.id
+            )));
+        }
         if self.readonly {
             return Err(Error::ReadOnly(format!(
                 "buffer id {} was opened read-only: open it with readonly = false to write",
@@ -485,6 +494,48 @@ impl Buffer {
     /// ```
     pub fn open(name: &str, readonly: bool) -> Result<Buffer> {
         Ok(Buffer::adopt(crate::shm::open(name, readonly)?, false))
+    }
+
+    /// Opens the shared buffer `name` once it exists and is sealed ([`Buffer::seal`], in any
+    /// process), waiting up to `timeout` without using CPU; read-only, as every open of a
+    /// sealed segment is. [`Error::Timeout`] when the time runs out; [`Error::NotFound`] at
+    /// once when the name exists unsealed and no process holds it (its creator died before
+    /// sealing). See [`Registry::open_shared_wait`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use zcbuf::Buffer;
+    /// let name = format!("seal-doc-buffer-{}", std::process::id());
+    /// let consumer = std::thread::spawn({
+    ///     let name = name.clone();
+    ///     move || Buffer::open_wait(&name, Duration::from_secs(10))
+    /// });
+    /// let mut producer = Buffer::shared_typed::<u32>(Some(&name), &[4]).unwrap();
+    /// producer.copy_from_slice(0, &[1u32, 2, 3, 4]).unwrap();
+    /// producer.seal().unwrap();
+    /// let seen = consumer.join().unwrap().unwrap();
+    /// assert_eq!((seen.read::<u32>(3).unwrap(), seen.readonly()), (4, true));
+    /// assert!(producer.write(0, 9u32).is_err()); // sealed: writes are refused
+    /// ```
+    pub fn open_wait(name: &str, timeout: std::time::Duration) -> Result<Buffer> {
+        Ok(Buffer::adopt(
+            crate::shm::open_wait(name, true, timeout)?,
+            false,
+        ))
+    }
+
+    /// Seals this shared buffer: the segment is immutable from now on. Later opens (any
+    /// process) map it read-only and this buffer refuses writes ([`Buffer::readonly`] turns
+    /// true); leases taken before keep their writable mapping (nothing is re-protected under
+    /// them). Idempotent. See [`Registry::seal`] for the errors.
+    pub fn seal(&self) -> Result<()> {
+        self.owner.reg.seal(self.id())
+    }
+
+    /// True when the segment is sealed, by this buffer or any process (asks the kernel unless
+    /// this buffer already knows). Always false for private and file buffers.
+    pub fn sealed(&self) -> bool {
+        self.lease.mapped().is_sealed()
     }
 
     /// A new file-backed buffer of `len` zero bytes at `path`, which must not exist (mode

@@ -79,6 +79,9 @@ pub struct ZcbufInfo {
     pub leases: u64,
     /// 1 for a shared buffer created to persist (`ZCBUF_PERSIST`), else 0.
     pub persistent: u32,
+    /// 1 for a shared buffer whose segment is sealed (`zcbuf_seal`, by any process), else 0.
+    /// (Added after `persistent`, in what was padding: the struct's size is unchanged.)
+    pub sealed: u32,
 }
 
 /// What `zcbuf_open_shared_acquire` fills in: an opened buffer, one lease on it, and its
@@ -309,6 +312,7 @@ pub unsafe extern "C" fn zcbuf_open_shared_acquire(
             dtype_len: meta.dtype.len() as u32,
             leases: 1,
             persistent: u32::from(m.persistent()),
+            sealed: u32::from(m.sealed_here()),
         };
         // SAFETY: `out` is non-NULL and valid for a write by the caller's contract; every field
         // is written through raw pointers into it, the arrays within their bounds (the dtype
@@ -327,6 +331,52 @@ pub unsafe extern "C" fn zcbuf_open_shared_acquire(
         }
         Ok(())
     })
+}
+
+/// Opens the shared buffer `name` once it exists and is sealed (`zcbuf_seal`, in any process),
+/// waiting up to `timeout_ms` milliseconds (0: look once; `UINT64_MAX`: no limit), and writes
+/// its id to `out_id`. A sealed segment is mapped read-only whatever `flags` (0 or
+/// `ZCBUF_READ_ONLY`) say. The wait uses no CPU (inotify on /dev/shm, and a look every 100 ms)
+/// and continues through signals; call it in slices to react to one. `ZCBUF_ETIMEDOUT` when the
+/// time runs out (the message says whether the name exists); `ZCBUF_ENOTFOUND` at once when the
+/// name exists unsealed and no process holds it any more (its creator died before sealing).
+///
+/// # Safety
+/// `name` must be NULL or a NUL-terminated string; `out_id` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_open_shared_wait(
+    name: *const c_char,
+    flags: u32,
+    timeout_ms: u64,
+    out_id: *mut u64,
+) -> i32 {
+    guard(|| {
+        check_flags(flags, ZCBUF_READ_ONLY)?;
+        if out_id.is_null() {
+            return Err(null("out_id"));
+        }
+        // SAFETY: NULL-checked inside; NUL-terminated by the caller's contract.
+        let name = unsafe { c_str(name, "name") }?;
+        let timeout = if timeout_ms == u64::MAX {
+            std::time::Duration::MAX
+        } else {
+            std::time::Duration::from_millis(timeout_ms)
+        };
+        let id = reg().open_shared_wait(name, flags & ZCBUF_READ_ONLY != 0, timeout)?;
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_id, id, "out_id") }
+    })
+}
+
+/// Seals shared buffer `id`: its segment becomes immutable. Every later open of it, in any
+/// process, maps it read-only (also without `ZCBUF_READ_ONLY`), and `zcbuf_info` reports this
+/// id `readonly` and `sealed`. Pointers from `zcbuf_acquire` taken before, and other processes'
+/// writable opens made before, keep their writable mapping (nothing is re-protected under
+/// them): seal when the writing is done. Idempotent. `ZCBUF_EINVAL` for private and file
+/// buffers; `ZCBUF_EREADONLY` for an id opened read-only of a segment not sealed yet.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_seal(id: u64) -> i32 {
+    guard(|| reg().seal(id))
 }
 
 /// Creates a file-backed buffer of `len` data bytes at `path`, which must not exist (mode 0600,
@@ -527,6 +577,7 @@ fn info_of(i: &crate::registry::Info) -> ZcbufInfo {
         dtype_len: i.meta.dtype.len() as u32,
         leases: i.leases,
         persistent: u32::from(i.persistent),
+        sealed: u32::from(i.sealed),
     }
 }
 
@@ -762,8 +813,9 @@ pub unsafe extern "C" fn zcbuf_gc(
 /// Lists the zcbuf segments in /dev/shm as text, one per line, fields separated by tabs:
 /// name, data length, dtype, shape (dimensions joined by `,`), held (1 when some process maps
 /// it, else 0), holder pids as `/proc/locks` names them (joined by `,`; may be empty while
-/// held), persistent (1 or 0), creation time (ns since the epoch), creator pid, and a problem
-/// ("" when the header is valid).
+/// held), persistent (1 or 0), creation time (ns since the epoch), creator pid, a problem
+/// ("" when the header is valid), and sealed (1 or 0; added last, so readers of the first ten
+/// fields are unaffected).
 /// Copied into `buf` like `zcbuf_name`; `out_len` gets the full length.
 ///
 /// # Safety
@@ -783,7 +835,7 @@ pub unsafe extern "C" fn zcbuf_list(buf: *mut c_char, cap: usize, out_len: *mut 
             let problem = s.problem.unwrap_or_default().replace(['\t', '\n'], " ");
             let pids: Vec<String> = s.holders.iter().map(u32::to_string).collect();
             text.push_str(&format!(
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
                 s.name,
                 s.len,
                 s.meta.dtype,
@@ -793,7 +845,8 @@ pub unsafe extern "C" fn zcbuf_list(buf: *mut c_char, cap: usize, out_len: *mut 
                 u8::from(s.persistent),
                 s.created_ns,
                 s.creator_pid,
-                problem
+                problem,
+                u8::from(s.sealed)
             ));
         }
         // SAFETY: `buf` holds `cap` bytes (or cap is 0); `out_len` checked non-NULL.

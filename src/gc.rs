@@ -35,6 +35,9 @@ pub struct SegmentInfo {
     pub creator_pid: u32,
     /// Why the header is unusable, for a file that looks like zcbuf's but cannot be used.
     pub problem: Option<String>,
+    /// Sealed ([`crate::Registry::seal`]): immutable, every open maps it read-only. Read from
+    /// the file mode, which is where the seal lives.
+    pub sealed: bool,
 }
 
 /// What [`gc`] removed, and why.
@@ -85,7 +88,7 @@ fn probe_held(fd: &OwnedFd) -> bool {
     }
 }
 
-fn info(name: &str, p: Parsed, held: bool, pids: &[i32]) -> SegmentInfo {
+fn info(name: &str, p: Parsed, held: bool, pids: &[i32], sealed: bool) -> SegmentInfo {
     SegmentInfo {
         name: name.to_owned(),
         len: p.data_len,
@@ -96,6 +99,7 @@ fn info(name: &str, p: Parsed, held: bool, pids: &[i32]) -> SegmentInfo {
         created_ns: p.created_ns,
         creator_pid: p.creator_pid,
         problem: None,
+        sealed,
     }
 }
 
@@ -123,8 +127,9 @@ pub fn list() -> Result<Vec<SegmentInfo>> {
             Some(_) => !pids.is_empty(),
             None => probe_held(&fd),
         };
+        let sealed = crate::shm::is_sealed_mode(st.st_mode);
         match inspect_header(fd.as_fd(), &st, &name) {
-            Ok(p) => out.push(info(&name, p, held, &pids)),
+            Ok(p) => out.push(info(&name, p, held, &pids, sealed)),
             Err(e) => out.push(SegmentInfo {
                 name,
                 len: 0,
@@ -135,6 +140,7 @@ pub fn list() -> Result<Vec<SegmentInfo>> {
                 created_ns: 0,
                 creator_pid: 0,
                 problem: Some(e.to_string()),
+                sealed,
             }),
         }
     }

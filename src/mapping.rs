@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -117,6 +118,11 @@ pub(crate) struct Mapped {
     /// Shared buffers: this process's hold on the segment (one per segment, shared by all its
     /// mappings here); released after the last of them is unmapped.
     hold: Option<Arc<Hold>>,
+    /// Shared buffers: the segment was sealed when this mapping was made (it is then mapped
+    /// read-only), or was sealed through this mapping since; from then on this mapping's
+    /// leases refuse writes. Set once, never cleared. (Another process's seal is learned with
+    /// [`Mapped::is_sealed`], which asks the kernel, and does not change this.)
+    sealed: AtomicBool,
 }
 
 /// A dangling-but-aligned address for zero-length buffers (never dereferenced).
@@ -248,6 +254,7 @@ impl Mapped {
             meta: opts.meta.clone(),
             persistent: false,
             hold: None,
+            sealed: AtomicBool::new(false),
         })
     }
 
@@ -369,6 +376,7 @@ impl Mapped {
             meta: parsed.meta,
             persistent: parsed.persistent,
             hold: None,
+            sealed: AtomicBool::new(false),
         })
     }
 
@@ -424,6 +432,64 @@ impl Mapped {
             _ => None,
         }
     }
+    /// True when this mapping knows the segment is sealed: it was sealed when mapped, or sealed
+    /// through this mapping. One atomic load: what the write checks of leases consult.
+    pub(crate) fn sealed_here(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    /// Records that the segment was sealed when this mapping was made (by `shm::open`).
+    pub(crate) fn mark_sealed(&self) {
+        self.sealed.store(true, Ordering::Release);
+    }
+
+    /// Whether the segment is sealed now, by anyone: [`Mapped::sealed_here`], else the kernel's
+    /// file mode of the segment (one `fstat`). Always false for private and file buffers.
+    pub(crate) fn is_sealed(&self) -> bool {
+        if self.sealed_here() {
+            return true;
+        }
+        match &self.hold {
+            Some(h) => {
+                rustix::fs::fstat(h.fd()).is_ok_and(|st| crate::shm::is_sealed_mode(st.st_mode))
+            }
+            None => false,
+        }
+    }
+
+    /// Seals a shared buffer (see [`crate::shm::seal`]): idempotent; refused for private and
+    /// file buffers, and for a mapping opened read-only of a segment not yet sealed.
+    pub(crate) fn seal(&self) -> Result<()> {
+        if self.sealed_here() {
+            return Ok(());
+        }
+        let name = match &self.origin {
+            Origin::Shared { name } => name,
+            Origin::Private => {
+                return Err(Error::InvalidArgument(
+                    "a private buffer cannot be sealed: no other process can open it; seal is \
+                     for shared buffers (create it with shared=True or a name)"
+                        .into(),
+                ));
+            }
+            Origin::File { path } => {
+                return Err(Error::InvalidArgument(format!(
+                    "file buffer {} cannot be sealed: seal is for shared buffers; make a file \
+                     read-only with chmod and open it with readonly=True",
+                    path.display()
+                )));
+            }
+        };
+        let Some(hold) = &self.hold else {
+            return Err(Error::Internal(format!(
+                "shared buffer {name:?} has no hold on its segment"
+            )));
+        };
+        crate::shm::seal(hold.fd(), name, self.readonly)?;
+        self.mark_sealed();
+        Ok(())
+    }
+
     /// Writes a file buffer's header and data to disk (msync). A no-op for other backings.
     pub(crate) fn flush(&self) -> Result<()> {
         if self.readonly || !matches!(self.origin, Origin::File { .. }) {

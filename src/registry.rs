@@ -95,6 +95,9 @@ pub struct Info {
     pub leases: u64,
     /// A shared buffer created to persist.
     pub persistent: bool,
+    /// A shared buffer whose segment is sealed ([`Registry::seal`], by any process): asked of
+    /// the kernel (the segment's file mode) unless this handle already knows.
+    pub sealed: bool,
 }
 
 /// A table of buffers with lock-guarded leases.
@@ -142,6 +145,7 @@ fn info_of(e: &Entry) -> Info {
         meta: e.mapped.meta().clone(),
         leases: e.leases,
         persistent: e.mapped.persistent(),
+        sealed: e.mapped.is_sealed(),
     }
 }
 
@@ -151,6 +155,17 @@ fn exclusive_error(id: u64) -> Error {
          into it: no lease can be taken until its owner calls Buffer::into_id() (or lease it \
          through Buffer::into_lease())"
     ))
+}
+
+/// The error for a write through a read-only or sealed buffer.
+pub(crate) fn read_only(id: u64, mapped: &Mapped) -> Error {
+    if mapped.sealed_here() {
+        Error::ReadOnly(format!(
+            "buffer id {id} is sealed: its segment is immutable from the seal on"
+        ))
+    } else {
+        Error::ReadOnly(format!("buffer id {id} was opened read-only"))
+    }
 }
 
 fn not_found(id: u64) -> Error {
@@ -240,6 +255,57 @@ impl Registry {
     /// Opens a shared buffer by name (from any process of the same user), validating its header.
     pub fn open_shared(&self, name: &str, readonly: bool) -> Result<u64> {
         Ok(self.insert(crate::shm::open(name, readonly)?))
+    }
+
+    /// Opens the shared buffer `name` once it exists and is sealed ([`Registry::seal`]), waiting
+    /// up to `timeout` (`Duration::ZERO` looks once; `Duration::MAX` has no limit). A sealed
+    /// segment is always mapped read-only, whatever `readonly` says.
+    ///
+    /// The wait costs no CPU (an inotify watch on /dev/shm, and a look every 100 ms in case an
+    /// event was lost). Errors: [`Error::Timeout`] when the time runs out (the message says
+    /// whether the name exists); [`Error::NotFound`] at once when the name exists unsealed and
+    /// no process holds it any more (its creator died before sealing: nobody is left to seal
+    /// it; such a segment that is not persistent is removed, as `gc` would).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use zcbuf::{CreateOptions, Registry};
+    /// let reg = Registry::global();
+    /// let name = format!("seal-doc-{}", std::process::id());
+    /// let id = reg.create_shared(Some(&name), 8, &CreateOptions::new()).unwrap();
+    /// let early = reg.open_shared_wait(&name, false, Duration::ZERO);
+    /// assert!(matches!(early, Err(zcbuf::Error::Timeout(_)))); // exists, not sealed yet
+    /// reg.seal(id).unwrap();
+    /// let ready = reg.open_shared_wait(&name, false, Duration::from_secs(5)).unwrap();
+    /// assert!(reg.info(ready).unwrap().readonly);
+    /// ```
+    pub fn open_shared_wait(
+        &self,
+        name: &str,
+        readonly: bool,
+        timeout: std::time::Duration,
+    ) -> Result<u64> {
+        Ok(self.insert(crate::shm::open_wait(name, readonly, timeout)?))
+    }
+
+    /// Seals shared buffer `id`: its segment becomes immutable. Every later open of it, in any
+    /// process, maps it read-only (also when asked for read-write), and this id's leases taken
+    /// from now on refuse writes ([`Info::readonly`] turns true). Idempotent, also when another
+    /// process sealed it.
+    ///
+    /// What it does not do: leases and pointers taken before, and other handles that mapped the
+    /// segment writable before (here or in other processes), keep their writable mapping; no
+    /// page protection is changed under them (a stray write would then be a crash). Seal when
+    /// the writing is done. Errors: [`Error::InvalidArgument`] for private and file buffers;
+    /// [`Error::ReadOnly`] for a handle opened read-only of a segment not sealed yet;
+    /// [`Error::Permission`] when this user does not own the segment.
+    pub fn seal(&self, id: u64) -> Result<()> {
+        let mapped = self.with(id, |e| Arc::clone(&e.mapped))?;
+        mapped.seal()?;
+        if let Some(e) = self.shard(id).get_mut(&id) {
+            e.readonly = true;
+        }
+        Ok(())
     }
 
     /// Creates a file-backed buffer at `path`, which must not exist (mode 0600; links are not
@@ -499,9 +565,9 @@ impl Lease<'_> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// True when mapped read-only.
+    /// True when mapped read-only, or sealed through this buffer (writes are then refused).
     pub fn readonly(&self) -> bool {
-        self.readonly
+        self.readonly || self.mapped.sealed_here()
     }
 
     fn check(&self, off: usize, n: usize) -> Result<()> {
@@ -516,11 +582,8 @@ impl Lease<'_> {
 
     /// Copies `src` into the buffer at `off`.
     pub fn write_at(&self, off: usize, src: &[u8]) -> Result<()> {
-        if self.readonly {
-            return Err(Error::ReadOnly(format!(
-                "buffer id {} was opened read-only",
-                self.id
-            )));
+        if self.readonly() {
+            return Err(read_only(self.id, &self.mapped));
         }
         self.check(off, src.len())?;
         // SAFETY: the range was checked to lie inside the mapping, which the lease keeps mapped;
@@ -620,9 +683,9 @@ impl OwnedLease {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// True when mapped read-only.
+    /// True when mapped read-only, or sealed through this buffer (writes are then refused).
     pub fn readonly(&self) -> bool {
-        self.readonly
+        self.readonly || self.mapped.sealed_here()
     }
     /// The backing.
     pub fn kind(&self) -> Kind {
@@ -657,11 +720,8 @@ impl OwnedLease {
 
     /// Copies `src` into the buffer at byte offset `off`.
     pub fn write_at(&self, off: usize, src: &[u8]) -> Result<()> {
-        if self.readonly {
-            return Err(Error::ReadOnly(format!(
-                "buffer id {} was opened read-only",
-                self.id
-            )));
+        if self.readonly() {
+            return Err(read_only(self.id, &self.mapped));
         }
         self.check(off, src.len())?;
         // SAFETY: the range was checked to lie inside the mapping, which `self.mapped` keeps

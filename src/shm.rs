@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
@@ -174,6 +175,9 @@ pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
             continue; // removed between our open and our hold
         }
         check_regular(&st, name)?;
+        // A sealed segment is mapped read-only whatever was asked (the seal bit is ours to
+        // enforce: the kernel gives it no meaning on a regular file).
+        let sealed = is_sealed_mode(st.st_mode);
         // A file whose header does not validate is not ours: closing `fd` just drops our lock.
         let parsed = read_header(fd.as_fd(), st.st_size as u64, page_size(), &where_)?;
         // From here we are a holder like any other, also if mapping fails: the hold's drop
@@ -190,7 +194,7 @@ pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
         let mut m = Mapped::map_existing(
             hold.fd(),
             parsed,
-            readonly,
+            readonly || sealed,
             false,
             Origin::Shared {
                 name: name.to_owned(),
@@ -198,6 +202,9 @@ pub(crate) fn open(name: &str, readonly: bool) -> Result<Mapped> {
             &where_,
         )?;
         m.set_hold(hold);
+        if sealed {
+            m.mark_sealed();
+        }
         return Ok(m);
     }
     Err(not_found(name))
@@ -458,5 +465,251 @@ pub fn unlink(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(not_found(name))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sealing, and waiting for a sealed segment
+//
+// The seal is kept by the kernel, in the segment file's mode: the sticky bit (`S_ISVTX`), which Linux gives no meaning on a regular file, so it changes nobody's
+// access. Who writes it: a writer of the segment, once, with `fchmod` (one atomic inode
+// update); nobody clears it. Who reads it: every open (the `fstat` it already does) and every
+// waiter (`statat`). Between creation and the seal a reader sees the bit clear; after it, set;
+// there is no third state. Why not mode 0400: see "Sealing and waiting" in docs/design.md (a
+// removal needs a writable open file, which 0400 denies to every non-root process).
+
+/// The file-mode bit that marks a sealed segment (`S_ISVTX`).
+pub(crate) const SEAL_BIT: u32 = 0o1000;
+
+/// True when a segment file's mode carries the seal.
+pub(crate) fn is_sealed_mode(mode: u32) -> bool {
+    mode & SEAL_BIT != 0
+}
+
+/// Seals the segment open as `fd` (any open file of it): sets [`SEAL_BIT`] in its mode with
+/// `fchmod`. Idempotent: an already sealed segment is left as it is, whoever sealed it.
+/// `readonly` (the caller maps it read-only) refuses to seal a segment not sealed yet: only a
+/// writer knows when its data is complete.
+pub(crate) fn seal(fd: BorrowedFd<'_>, name: &str, readonly: bool) -> Result<()> {
+    let st =
+        rustix::fs::fstat(fd).map_err(|e| Error::from_errno(&format!("stat {}", Seg(name)), e))?;
+    if is_sealed_mode(st.st_mode) {
+        return Ok(());
+    }
+    if readonly {
+        return Err(Error::ReadOnly(format!(
+            "{} was opened read-only here: seal it through a read-write handle (its writer's, \
+             once the data is complete)",
+            Seg(name)
+        )));
+    }
+    let mode = Mode::from_raw_mode((st.st_mode & 0o7777) | SEAL_BIT);
+    rustix::fs::fchmod(fd, mode).map_err(|e| match e {
+        Errno::PERM => Error::Permission(format!(
+            "seal {}: only its owner (uid {}) can seal it",
+            Seg(name),
+            st.st_uid
+        )),
+        e => Error::from_errno(&format!("seal {} (fchmod)", Seg(name)), e),
+    })
+}
+
+/// How often a waiting open looks again without an inotify event (events can be lost when the
+/// queue overflows; without inotify it is the only way to notice).
+pub(crate) const WAIT_RECHECK: Duration = Duration::from_millis(100);
+
+/// What a waiter sees under a name.
+enum Seen {
+    Missing,
+    Sealed,
+    Unsealed(FileKey),
+}
+
+fn look(dir: BorrowedFd<'_>, name: &str) -> Result<Seen> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if is_sealed_mode(st.st_mode) => Ok(Seen::Sealed),
+        Ok(st) => Ok(Seen::Unsealed(key_of(&st))),
+        Err(Errno::NOENT) => Ok(Seen::Missing),
+        Err(e) => Err(Error::from_errno(&format!("stat {}", Seg(name)), e)),
+    }
+}
+
+/// Opens the shared segment `name` once it exists and is sealed, waiting up to `timeout`
+/// (`Duration::ZERO`: look once; `Duration::MAX`: no limit). The mapping is read-only, as every
+/// open of a sealed segment is.
+///
+/// Waiting costs no CPU: an inotify watch on /dev/shm (created, moved in, attributes changed,
+/// deleted; the `linkat` that names a new segment is a create) wakes the waiter when something
+/// happens to the name, and it looks again at least every [`WAIT_RECHECK`] in case an event
+/// was lost. A name that exists unsealed while no process holds it (its creator died before
+/// sealing) is a prompt [`Error::NotFound`], not a wait: nobody is left to seal it. Gives
+/// [`Error::Timeout`] when the time runs out.
+pub(crate) fn open_wait(name: &str, readonly: bool, timeout: Duration) -> Result<Mapped> {
+    check_name(name)?;
+    let dir = shm_dir()?;
+    let deadline = Instant::now().checked_add(timeout);
+    // Watch first, then look: an event after the look cannot be missed.
+    let mut watch = Watch::new(name);
+    loop {
+        let seen = look(dir, name)?;
+        match seen {
+            Seen::Sealed => match open(name, readonly) {
+                Ok(m) if m.sealed_here() => return Ok(m),
+                // Replaced by a new, unsealed segment since we looked: wait for its seal.
+                Ok(_) => {}
+                Err(Error::NotFound(_)) => {} // removed since we looked
+                Err(e) => return Err(e),
+            },
+            Seen::Unsealed(key) => {
+                if let Some(e) = orphaned(dir, name, key)? {
+                    return Err(e);
+                }
+            }
+            Seen::Missing => {}
+        }
+        let now = Instant::now();
+        let left = match deadline {
+            Some(d) if now >= d => return Err(not_ready(name, &seen)),
+            Some(d) => d - now,
+            None => WAIT_RECHECK,
+        };
+        let nap = left.min(WAIT_RECHECK);
+        match &mut watch {
+            Some(w) => w.wait(nap),
+            None => std::thread::sleep(nap),
+        }
+    }
+}
+
+fn not_ready(name: &str, seen: &Seen) -> Error {
+    let state = match seen {
+        Seen::Missing => "no segment of that name exists yet",
+        Seen::Sealed => "it was sealed, then removed or replaced while being opened",
+        Seen::Unsealed(_) => "it exists but is not sealed yet (a live process holds it)",
+    };
+    Error::Timeout(format!(
+        "{} is not ready: {state}; a waiting open returns once the segment exists and is \
+         sealed (Buffer.seal(), zcbuf_seal)",
+        Seg(name)
+    ))
+}
+
+/// A segment that exists unsealed is worth waiting for only while some process holds it (its
+/// creator, or another writer, who may still seal it). Returns the error to give when no
+/// process does, `None` to keep waiting.
+fn orphaned(dir: BorrowedFd<'_>, name: &str, key: FileKey) -> Result<Option<Error>> {
+    // /proc/locks names holders without taking any lock: the usual answer, and the only one
+    // while the creator lives in this pid namespace.
+    if liveness::holder_table().is_some_and(|t| t.contains_key(&key)) {
+        return Ok(None);
+    }
+    // Nobody listed: /proc/locks unreadable, holders in a pid namespace it hides, or none. Ask
+    // the kernel: an exclusive lock on a fresh open file is granted only when no open file holds
+    // the segment. Whoever gets it is a remover (docs/design.md), and acts as one below.
+    let opened = match rustix::fs::openat(dir, name, open_flags(true), Mode::empty()) {
+        Err(Errno::ACCESS) => {
+            rustix::fs::openat(dir, name, open_flags(false), Mode::empty()).map(|fd| (fd, false))
+        }
+        r => r.map(|fd| (fd, true)),
+    };
+    let (fd, writable) = match opened {
+        Ok(o) => o,
+        Err(Errno::NOENT) => return Ok(None), // gone since we looked: look again
+        Err(e) => return Err(open_error(&format!("open {}", Seg(name)), e)),
+    };
+    if !liveness::try_exclusive(fd.as_fd())? {
+        return Ok(None); // held
+    }
+    let st =
+        rustix::fs::fstat(&fd).map_err(|e| Error::from_errno(&format!("stat {}", Seg(name)), e))?;
+    if st.st_nlink == 0 || key_of(&st) != key || is_sealed_mode(st.st_mode) {
+        // Removed or replaced since we looked, or sealed by a last holder that then let go:
+        // look again (and open it). Our lock goes with `fd`.
+        return Ok(None);
+    }
+    let parsed = inspect_header(fd.as_fd(), &st, name)?;
+    // Unheld, unsealed: what gc removes (unless persistent). A remover holding the exclusive
+    // lock removes the name, as every other remover does.
+    let removed = !parsed.persistent
+        && writable
+        && liveness::remove_name_if(fd.as_fd(), dir, name, key).unwrap_or(false);
+    Ok(Some(Error::NotFound(format!(
+        "{} exists but was never sealed, and no process holds it any more: its creator exited \
+         or was killed before sealing it{}; restart the producer (its create replaces an \
+         unheld segment) and wait again",
+        Seg(name),
+        if removed {
+            " (the unsealed segment was removed, as `python -m zcbuf gc` would)"
+        } else if parsed.persistent {
+            " (it is persistent: remove it with zcbuf.unlink)"
+        } else {
+            ""
+        }
+    ))))
+}
+
+/// An inotify watch on /dev/shm for one name.
+struct Watch {
+    fd: OwnedFd,
+    name: Vec<u8>,
+}
+
+impl Watch {
+    /// `None` when inotify is unavailable (the per-user limit of instances or watches is
+    /// reached, or a seccomp filter refuses it): the waiter then looks every [`WAIT_RECHECK`].
+    fn new(name: &str) -> Option<Watch> {
+        use rustix::fs::inotify;
+        let fd =
+            inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).ok()?;
+        let events = inotify::WatchFlags::CREATE
+            | inotify::WatchFlags::MOVED_TO
+            | inotify::WatchFlags::ATTRIB
+            | inotify::WatchFlags::DELETE;
+        inotify::add_watch(&fd, SHM_DIR, events).ok()?;
+        Some(Watch {
+            fd,
+            name: name.as_bytes().to_vec(),
+        })
+    }
+
+    /// Sleeps until an event names our name (or the event queue overflowed), or `nap` passes.
+    /// A signal (EINTR) only shortens the sleep: the caller looks again either way.
+    fn wait(&mut self, nap: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let end = Instant::now() + nap;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            // Round up, so a sub-millisecond rest does not spin.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            // SAFETY: `pfd` is one valid, initialised `pollfd` whose descriptor `self.fd` keeps
+            // open for the call; poll writes only its `revents`.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r <= 0 {
+                return; // timed out, or interrupted (EINTR): let the caller look again
+            }
+            if self.drain() {
+                return;
+            }
+        }
+    }
+
+    /// Reads every pending event; true when one concerns our name (or some were lost).
+    fn drain(&mut self) -> bool {
+        use rustix::fs::inotify;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = inotify::Reader::new(&self.fd, &mut buf);
+        let mut hit = false;
+        while let Ok(ev) = reader.next() {
+            hit |= ev.events().contains(inotify::ReadFlags::QUEUE_OVERFLOW)
+                || ev.file_name().is_some_and(|n| n.to_bytes() == self.name);
+        }
+        hit
     }
 }

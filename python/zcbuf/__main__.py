@@ -35,7 +35,7 @@ def _ls() -> int:
             who = "pid " + ",".join(map(str, s.holders))
         else:
             who = "yes (pid unknown)" if s.held else "nobody"
-        flags = " persistent" if s.persistent else ""
+        flags = (" persistent" if s.persistent else "") + (" sealed" if s.sealed else "")
         print(f"{s.name:<42} {fmt_size(s.nbytes):>10} {dtype:<10} {shape:<16} {who:<20} {age:>8}{flags}"
               + (f"  ! {s.problem}" if s.problem else ""))
     return 0
@@ -67,7 +67,7 @@ def _gc() -> int:
 
 
 _HELP = {
-    "ls": "usage: python -m zcbuf ls\n\nList the zcbuf segments in /dev/shm: size, dtype/shape, which pids hold\nthem (from /proc/locks), age, persistent; and files with a zcbuf-looking name\nwhose header is unusable, with the reason.",
+    "ls": "usage: python -m zcbuf ls\n\nList the zcbuf segments in /dev/shm: size, dtype/shape, which pids hold\nthem (from /proc/locks), age, persistent,\nsealed; and files with a zcbuf-looking name whose header is unusable, with\nthe reason.",
     "unlink": "usage: python -m zcbuf unlink NAME [NAME ...]\n\nRemove these segments' names now, held or not, persistent or not (as\nzcbuf.unlink does): processes that map them keep their memory; nobody can open\nthem by name any more.",
     "gc": "usage: python -m zcbuf gc\n\nRemove the zcbuf segments no process maps any more (left behind by killed\nholders), except those created with persist=True; files without a valid zcbuf\nheader are never touched. Prints each removed segment with its size and why.",
 }

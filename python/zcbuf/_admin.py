@@ -32,6 +32,8 @@ class Segment:
     creator_pid: int
     problem: str
     """Why the header is unusable ("" when it is valid)."""
+    sealed: bool = False
+    """Sealed (:meth:`Buffer.seal`): immutable, every open maps it read-only."""
 
     @property
     def age(self) -> float:
@@ -68,7 +70,7 @@ def ls() -> List[Segment]:
     out = []
     for line in _text_call(lib.zcbuf_list).splitlines():
         f = line.split("\t")
-        if len(f) != 10:
+        if len(f) < 10:  # 11 since sealed was added; fields are only ever appended
             continue
         shape = tuple(int(d) for d in f[3].split(",") if d) if f[2] else None
         out.append(
@@ -83,6 +85,7 @@ def ls() -> List[Segment]:
                 created=int(f[7]) / 1e9,
                 creator_pid=int(f[8]),
                 problem=f[9],
+                sealed=len(f) > 10 and f[10] == "1",
             )
         )
     return out

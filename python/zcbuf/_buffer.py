@@ -5,13 +5,23 @@ from __future__ import annotations
 import math
 import operator
 import os
+import time
 import re
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _dtype
-from ._errors import AlreadyExistsError, CorruptError, Error, InvalidArgumentError, NotFoundError, check
+from ._errors import (
+    AlreadyExistsError,
+    CorruptError,
+    Error,
+    InvalidArgumentError,
+    NotFoundError,
+    Timeout,
+    check,
+    last_error,
+)
 from ._export import NATIVE, ExportBase
 from ._native import ffi, lib
 
@@ -317,6 +327,48 @@ class Buffer(ExportBase):  # type: ignore[misc, valid-type]
         """True after :meth:`free` (arrays made before stay valid)."""
         return self._mem is None
 
+    @property
+    def sealed(self) -> bool:
+        """True when this shared buffer's segment is sealed (by :meth:`seal` in any process; also
+        for a buffer opened after the seal). Asks the kernel each time, so a buffer opened before
+        another process sealed it sees the seal too. False for private and file buffers;
+        :class:`NotFoundError` after :meth:`free`."""
+        if self._mem is None:
+            raise self._freed_error()
+        info = _new("zcbuf_info_t *")
+        check(lib.zcbuf_info(self._id, info))
+        return bool(info.sealed)
+
+    def seal(self) -> None:
+        """Make this shared buffer immutable: call it once the data is complete.
+
+        Every later open of the segment, in any process, maps it read-only (also
+        ``open(name)`` without ``readonly``), and a waiting ``open(name, wait=...)`` returns.
+        This buffer's arrays made from now on are read-only (``readonly`` turns True). Arrays
+        made before, here or in processes that opened it writable before, keep writing: nothing
+        is re-protected under them (a stray write would then kill the process), so seal after
+        the last write. Idempotent. A private or file buffer is :class:`InvalidArgumentError`;
+        a buffer opened read-only cannot seal a segment not sealed yet (:class:`ReadOnlyError`).
+
+        >>> buf = zcbuf.empty((3,), "f8", name="result")
+        >>> buf.asarray()[:] = [1, 2, 3]
+        >>> buf.seal()              # a consumer's zcbuf.open("result", wait=10) returns now
+        """
+        if self._mem is None:
+            raise self._freed_error()
+        check(lib.zcbuf_seal(self._id))
+        if self._readonly:
+            return
+        # New arrays from now on come from a read-only root over the same lease; the writable
+        # root stays with the arrays made from it (kept in _keep, so free() flags both).
+        old = self._mem
+        mem = _root(memoryview(old._export).toreadonly(), old.kind, old.name, old.path, True)
+        d = self._default
+        self._default = _frombuffer(mem, d.dtype, d.size).reshape(d.shape) if d is not None else None
+        self._keep = old
+        self._mem = mem
+        self._readonly = True
+
     # -- arrays -----------------------------------------------------------------------------
 
     def asarray(self, dtype: Any = None, shape: Optional[ShapeLike] = None) -> np.ndarray:
@@ -497,6 +549,8 @@ class Buffer(ExportBase):  # type: ignore[misc, valid-type]
             return
         # The object keeps the memory while it lives (a raw-pointer consumer such as
         # ``pa.foreign_buffer(addr, n, base=buf)`` relies on that); only the id goes now.
+        if self._keep is not None:  # the writable root seal() replaced
+            self._keep.freed = True
         self._keep = mem
         mem.freed = True
         self._mem = None
@@ -792,18 +846,28 @@ def from_dlpack(
     return from_array(a, shared=shared, name=name, path=path, persist=persist)
 
 
-def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the contract's name
+def open(name: str, *, readonly: bool = False, wait: Optional[float] = None) -> Buffer:  # noqa: A001 - the contract's name
     """Open a shared buffer by name, from any process of the same user.
 
     Its header is validated first; a typed buffer gives its typed array. ``readonly=True`` maps
-    it ``PROT_READ``: its arrays are not writeable and cannot be made so. This process holds
+    it ``PROT_READ``: its arrays are not writeable and cannot be made so. A sealed segment
+    (:meth:`Buffer.seal`) is always mapped so, whatever ``readonly`` says. This process holds
     the segment (keeps its name alive) while it maps any part of it: this buffer, or any array
     or view made from it, even after :meth:`Buffer.free`.
 
+    ``wait`` (seconds): wait until a segment of that name exists *and is sealed*, then open it
+    (read-only); ``wait=0`` looks once. The wait uses no CPU (inotify), releases the GIL, and
+    Ctrl-C interrupts it. :class:`Timeout` when the time runs out; :class:`NotFoundError` at
+    once when the name exists unsealed and no process holds it any more (its creator died
+    before sealing).
+
     >>> frames = zcbuf.open("camera-0", readonly=True).asarray()   # in a worker process
+    >>> result = zcbuf.open("result", wait=30).asarray()           # once its producer sealed it
     """
     if type(name) is not str and not isinstance(name, str):
         raise TypeError(f"name must be a str, not {type(name).__name__}")
+    if wait is not None:
+        return _open_waiting(name, readonly, wait)
     out = _new(_OPENED_T)
     status = _open_acquire(name.encode(), _READ_ONLY if readonly else 0, out)
     if status:
@@ -841,6 +905,32 @@ def open(name: str, *, readonly: bool = False) -> Buffer:  # noqa: A001 - the co
     b._keep = None
     b._owned = True
     return b
+
+
+# The longest native wait of one call: Python runs signal handlers (Ctrl-C) between calls.
+_WAIT_SLICE_MS = 50
+
+
+def _open_waiting(name: str, readonly: bool, wait: float) -> Buffer:
+    """``open(name, wait=...)``: native waits of at most 50 ms each, until the deadline."""
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+        raise TypeError(f"wait must be a number of seconds, not {type(wait).__name__}")
+    if not wait >= 0:  # negative or NaN
+        raise InvalidArgumentError(f"wait must be >= 0 seconds, not {wait!r}")
+    deadline = time.monotonic() + float(wait)
+    encoded = name.encode()
+    flags = _READ_ONLY if readonly else 0
+    out = ffi.new("uint64_t *")
+    while True:
+        left = deadline - time.monotonic()
+        ms = _WAIT_SLICE_MS if left > 1 else max(0, math.ceil(left * 1000))
+        status = lib.zcbuf_open_shared_wait(encoded, flags, min(ms, _WAIT_SLICE_MS), out)
+        if status == 0:
+            return Buffer(out[0], owned=True, name=name)
+        if status != lib.ZCBUF_ETIMEDOUT:
+            check(status)
+        if time.monotonic() >= deadline:
+            raise Timeout(f"gave up after waiting {wait} s: {last_error()}")
 
 
 def open_file(path: PathLike, *, readonly: bool = False) -> Buffer:
