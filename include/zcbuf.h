@@ -48,6 +48,10 @@
 // docs/security.md).
 #define ZCBUF_ETIMEDOUT 10
 
+// A channel's stream ended (its publisher closed it, or died) and every message sent before
+// was received.
+#define ZCBUF_ECLOSED 11
+
 // Open flag: map the data read-only (`PROT_READ`).
 #define ZCBUF_READ_ONLY 1
 
@@ -74,6 +78,14 @@
 
 // Backing kind: a memory-mapped file.
 #define ZCBUF_KIND_FILE 2
+
+// Channel policy: every subscriber sees every message; the publisher waits while the slowest
+// is a whole ring behind.
+#define ZCBUF_POLICY_BLOCK 0
+
+// Channel policy: the publisher never waits for positions; a subscriber that fell behind
+// skips to the newest message.
+#define ZCBUF_POLICY_LATEST 1
 
 // What `zcbuf_info` reports about a buffer.
 typedef struct {
@@ -114,6 +126,41 @@ typedef struct {
   // The first `info.ndim` entries are the stored shape.
   uint64_t shape[64];
 } zcbuf_opened_t;
+
+// A channel's message type and layout, as `zcbuf_subscribe` and `zcbuf_publish_ex` report it.
+typedef struct {
+  // Bytes per message.
+  size_t msg_len;
+  // Number of slots.
+  uint32_t slots;
+  // `ZCBUF_POLICY_BLOCK` or `ZCBUF_POLICY_LATEST`.
+  uint32_t policy;
+  // Bytes per element of the message dtype.
+  uint64_t itemsize;
+  // Dimensions of a message.
+  uint32_t ndim;
+  // The message dtype (a NumPy descriptor), NUL-terminated.
+  char dtype[129];
+  // The first `ndim` entries are the message shape.
+  uint64_t shape[16];
+} zcbuf_channel_t;
+
+// A message received by `zcbuf_sub_recv`: valid, and never overwritten by the publisher, until
+// `zcbuf_sub_release(sub, slot)`.
+typedef struct {
+  // The message's bytes (read-only for the subscriber).
+  const uint8_t *ptr;
+  // Bytes.
+  size_t len;
+  // Its sequence number (0 for the channel's first message).
+  uint64_t seq;
+  // Publish time, ns since the Unix epoch.
+  uint64_t timestamp_ns;
+  // Messages this subscriber has skipped so far (latest policy).
+  uint64_t missed;
+  // The slot, for `zcbuf_sub_release`.
+  uint32_t slot;
+} zcbuf_message_t;
 
 #ifdef __cplusplus
 extern "C" {
@@ -305,6 +352,97 @@ size_t zcbuf_last_error(char *buf, size_t cap);
 // A static, NUL-terminated name for a status code (e.g. "not found"); never NULL.
 const char *zcbuf_status_name(int32_t status);
 
+// Creates a channel for messages of `dtype` (a NumPy descriptor, `itemsize` bytes per element)
+// and `shape` (`ndim` dimensions), with `slots` slots, `policy` (`ZCBUF_POLICY_*`), made for up
+// to `max_subscribers` subscribers (0: 64), named `name` (NULL: generated; read it with
+// `zcbuf_pub_name`). This process becomes its one publisher; writes the handle to `out_pub` and,
+// when `out_desc` is not NULL, the channel's description.
+//
+// # Safety
+// `name` NULL or a NUL-terminated string; `dtype` a NUL-terminated string; `shape` valid for
+// `ndim` reads (or NULL when `ndim` is 0); `out_pub` valid for a write; `out_desc` NULL or
+// valid for a write.
+int32_t zcbuf_publish(const char *name, const char *dtype, uint64_t itemsize, const uint64_t *shape, uint32_t ndim, uint32_t slots, uint32_t policy, uint32_t max_subscribers, uint64_t *out_pub, zcbuf_channel_t *out_desc);
+
+// Copies the channel's name into `buf` (NUL-terminated, truncated to `cap`); writes its full
+// length to `out_len`.
+//
+// # Safety
+// `buf` valid for `cap` bytes (or `cap` 0); `out_len` valid for a write.
+int32_t zcbuf_pub_name(uint64_t publisher, char *buf, size_t cap, size_t *out_len);
+
+// Loans a free slot: writes its address (writable for one message's bytes) to `out_ptr` and its
+// index to `out_slot`. Waits up to `timeout_us` microseconds (negative: forever) when none is
+// free (`ZCBUF_ETIMEDOUT`). Publish it with `zcbuf_pub_send`, or give it back with
+// `zcbuf_pub_cancel`.
+//
+// # Safety
+// `out_ptr` and `out_slot` valid for writes.
+int32_t zcbuf_pub_loan(uint64_t publisher, int64_t timeout_us, uint8_t **out_ptr, uint32_t *out_slot);
+
+// Publishes loaned slot `slot` as the next message; writes its sequence number to `out_seq`
+// (may be NULL).
+//
+// # Safety
+// `out_seq` NULL or valid for a write.
+int32_t zcbuf_pub_send(uint64_t publisher, uint32_t slot, uint64_t *out_seq);
+
+// Writes the number of subscribers receiving now to `out_count`.
+//
+// # Safety
+// `out_count` valid for a write.
+int32_t zcbuf_pub_subscribers(uint64_t publisher, uint32_t *out_count);
+
+// Gives loaned slot `slot` back unsent.
+int32_t zcbuf_pub_cancel(uint64_t publisher, uint32_t slot);
+
+// Copies `len` bytes (exactly one message) from `data` into a free slot and publishes it, in one
+// call; waits like `zcbuf_pub_loan`. Writes the sequence number to `out_seq` (may be NULL).
+//
+// # Safety
+// `data` valid for `len` reads; `out_seq` NULL or valid for a write.
+int32_t zcbuf_pub_send_copy(uint64_t publisher, const uint8_t *data, size_t len, int64_t timeout_us, uint64_t *out_seq);
+
+// Ends the stream: subscribers receive what was sent, then `ZCBUF_ECLOSED`. The handle stays
+// valid (later sends fail with `ZCBUF_ECLOSED`; loans may still be cancelled) until
+// `zcbuf_pub_free`. Idempotent.
+int32_t zcbuf_pub_close(uint64_t publisher);
+
+// Ends the stream if still open and releases the handle; loaned slots' addresses become
+// invalid (the segment may be unmapped).
+int32_t zcbuf_pub_free(uint64_t publisher);
+
+// Subscribes to channel `name`: receives the messages published from now on. Writes the handle
+// to `out_sub` and, when `out_desc` is not NULL, the channel's description. A plain buffer is
+// `ZCBUF_EINVAL`; all subscriber entries taken is `ZCBUF_ENOMEM`.
+//
+// # Safety
+// `name` a NUL-terminated string; `out_sub` valid for a write; `out_desc` NULL or valid for a
+// write.
+int32_t zcbuf_subscribe(const char *name, uint64_t *out_sub, zcbuf_channel_t *out_desc);
+
+// Receives the next message into `out`, waiting up to `timeout_us` microseconds (negative:
+// forever; 0: only look): `ZCBUF_ETIMEDOUT` when none came, `ZCBUF_ECLOSED` at end of stream
+// (the publisher closed or died, and everything it sent was received). The message stays valid
+// until `zcbuf_sub_release(sub, out->slot)`.
+//
+// # Safety
+// `out` valid for a write.
+int32_t zcbuf_sub_recv(uint64_t subscriber, int64_t timeout_us, zcbuf_message_t *out);
+
+// Waits up to `timeout_us` microseconds (negative: forever) until `subscriber` has something to
+// receive — a message, or the end of the stream — without receiving it: `ZCBUF_OK` then, else
+// `ZCBUF_ETIMEDOUT`. Another thread may call `zcbuf_sub_recv` meanwhile (for event loops).
+int32_t zcbuf_sub_wait(uint64_t subscriber, int64_t timeout_us);
+
+// Releases message `slot` received through `subscriber`: the publisher may reuse the slot once
+// no subscriber pins it.
+int32_t zcbuf_sub_release(uint64_t subscriber, uint32_t slot);
+
+// Closes a subscriber: from now on it no longer holds back a block-policy publisher. Messages
+// received before stay valid until released; the handle goes with the last of them.
+int32_t zcbuf_sub_close(uint64_t subscriber);
+
 // For the Python package only (C programs never need it): records the addresses of CPython's
 // `PyObject_GetAttrString`, `PyObject_GetBuffer` and `Py_DecRef`, which
 // [`zcbuf_py_getbuffer`] calls. Returns `ZCBUF_EINVAL` for a NULL address; a second call keeps
@@ -315,7 +453,8 @@ const char *zcbuf_status_name(int32_t status);
 int32_t zcbuf_py_setup(const void *getattr, const void *getbuffer, const void *decref);
 
 // For the Python package only: a CPython `getbufferproc` (`int (PyObject *, Py_buffer *,
-// int)`) that exports `obj._export`'s buffer as `obj`'s. Returns 0, or -1 with a Python
+// int)`) that exports `obj._export`'s buffer as `obj`'s (`obj._export_bytes`'s when the
+// request does not ask for a format). Returns 0, or -1 with a Python
 // exception set (by CPython) — its return value is CPython's convention, not a zcbuf status.
 //
 // # Safety

@@ -1455,6 +1455,16 @@ impl Subscriber {
         self.inner.advance(to);
     }
 
+    /// A handle that waits until this subscriber has something to receive, without receiving
+    /// it and without borrowing the subscriber (for event loops: another thread waits, the
+    /// loop's thread receives).
+    pub fn waiter(&self) -> Waiter {
+        Waiter {
+            ch: Arc::clone(&self.inner.ch),
+            pos: self.pos,
+        }
+    }
+
     /// Releases a pin kept with [`Message::into_raw`] (C ABI).
     pub fn release_slot(&self, slot: usize) -> Result<()> {
         if slot >= self.inner.ch.lay.slots {
@@ -1507,6 +1517,58 @@ impl Subscriber {
 impl Drop for Subscriber {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Waits for a subscriber's next message to be there (see [`Subscriber::waiter`]).
+pub struct Waiter {
+    ch: Arc<Chan>,
+    pos: u64,
+}
+
+impl Waiter {
+    /// Waits up to `timeout` (`None`: forever) until a message past the subscriber's position
+    /// (when this waiter was made) is published, or the stream ended (closed, or the publisher
+    /// died): `Ok(true)`; `Ok(false)` when the time ran out. Spins briefly, then sleeps on the
+    /// doorbell like `recv`.
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
+        let ch = &self.ch;
+        ch.check_pid()?;
+        let start = Instant::now();
+        let ready = || {
+            ch.head().load(Ordering::SeqCst) > self.pos || ch.closed().load(Ordering::SeqCst) != 0
+        };
+        let spin_until = SPIN.min(timeout.unwrap_or(SPIN));
+        let mut i = 0u32;
+        while !ready() {
+            std::hint::spin_loop();
+            i = i.wrapping_add(1);
+            if i % 64 == 0 && start.elapsed() >= spin_until {
+                break;
+            }
+        }
+        loop {
+            if ready() {
+                return Ok(true);
+            }
+            let left = match timeout {
+                Some(t) => match t.checked_sub(start.elapsed()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => return Ok(!ch.publisher_alive()?),
+                },
+                None => None,
+            };
+            let waiters = ch.u32_at(C_WAITERS);
+            waiters.fetch_add(1, Ordering::SeqCst);
+            let seen = ch.u32_at(C_BELL).load(Ordering::SeqCst);
+            if !ready() {
+                ch.sleep(C_BELL, seen, left.map_or(SLICE, |l| l.min(SLICE)));
+            }
+            waiters.fetch_sub(1, Ordering::SeqCst);
+            if !ready() && !ch.publisher_alive()? {
+                return Ok(true); // recv will say the publisher died
+            }
+        }
     }
 }
 
@@ -1709,6 +1771,17 @@ pub mod handles {
         let s = get(&SUBS, id, "subscriber")?;
         let mut g = lock(&s);
         f(&mut g)
+    }
+
+    /// Waits (without holding subscriber `id`'s lock) until it has something to receive.
+    pub fn wait_sub(id: u64, timeout: Option<std::time::Duration>) -> Result<bool> {
+        let w = with_sub(id, |h| {
+            h.sub
+                .as_ref()
+                .map(|s| s.waiter())
+                .ok_or_else(|| Error::InvalidArgument(format!("subscriber handle {id} is closed")))
+        })?;
+        w.wait(timeout)
     }
 
     /// Releases message `slot` of subscriber `id`; forgets a closed handle with nothing out.

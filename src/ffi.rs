@@ -38,6 +38,9 @@ pub const ZCBUF_EINTERNAL: i32 = 9;
 /// A bounded wait ran out: another process held a segment's lock for too long (see
 /// docs/security.md).
 pub const ZCBUF_ETIMEDOUT: i32 = 10;
+/// A channel's stream ended (its publisher closed it, or died) and every message sent before
+/// was received.
+pub const ZCBUF_ECLOSED: i32 = 11;
 
 /// Open flag: map the data read-only (`PROT_READ`).
 pub const ZCBUF_READ_ONLY: u32 = 1;
@@ -894,9 +897,381 @@ pub extern "C" fn zcbuf_status_name(status: i32) -> *const c_char {
         ZCBUF_EIO => c"I/O error",
         ZCBUF_EINTERNAL => c"internal error",
         ZCBUF_ETIMEDOUT => c"timed out",
+        ZCBUF_ECLOSED => c"channel closed",
         _ => c"unknown status",
     };
     s.as_ptr()
+}
+
+// -- Channels ----------------------------------------------------------------------------------
+
+/// Channel policy: every subscriber sees every message; the publisher waits while the slowest
+/// is a whole ring behind.
+pub const ZCBUF_POLICY_BLOCK: u32 = 0;
+/// Channel policy: the publisher never waits for positions; a subscriber that fell behind
+/// skips to the newest message.
+pub const ZCBUF_POLICY_LATEST: u32 = 1;
+
+/// A channel's message type and layout, as `zcbuf_subscribe` and `zcbuf_publish_ex` report it.
+#[repr(C)]
+pub struct ZcbufChannel {
+    /// Bytes per message.
+    pub msg_len: usize,
+    /// Number of slots.
+    pub slots: u32,
+    /// `ZCBUF_POLICY_BLOCK` or `ZCBUF_POLICY_LATEST`.
+    pub policy: u32,
+    /// Bytes per element of the message dtype.
+    pub itemsize: u64,
+    /// Dimensions of a message.
+    pub ndim: u32,
+    /// The message dtype (a NumPy descriptor), NUL-terminated.
+    pub dtype: [c_char; 129],
+    /// The first `ndim` entries are the message shape.
+    pub shape: [u64; 16],
+}
+
+/// A message received by `zcbuf_sub_recv`: valid, and never overwritten by the publisher, until
+/// `zcbuf_sub_release(sub, slot)`.
+#[repr(C)]
+pub struct ZcbufMessage {
+    /// The message's bytes (read-only for the subscriber).
+    pub ptr: *const u8,
+    /// Bytes.
+    pub len: usize,
+    /// Its sequence number (0 for the channel's first message).
+    pub seq: u64,
+    /// Publish time, ns since the Unix epoch.
+    pub timestamp_ns: u64,
+    /// Messages this subscriber has skipped so far (latest policy).
+    pub missed: u64,
+    /// The slot, for `zcbuf_sub_release`.
+    pub slot: u32,
+}
+
+fn describe(
+    meta: &Meta,
+    msg_len: usize,
+    slots: usize,
+    policy: crate::channel::Policy,
+) -> ZcbufChannel {
+    let mut d = ZcbufChannel {
+        msg_len,
+        slots: slots as u32,
+        policy: match policy {
+            crate::channel::Policy::Block => ZCBUF_POLICY_BLOCK,
+            crate::channel::Policy::Latest => ZCBUF_POLICY_LATEST,
+        },
+        itemsize: meta.itemsize,
+        ndim: meta.shape.len() as u32,
+        dtype: [0; 129],
+        shape: [0; 16],
+    };
+    for (i, b) in meta.dtype.bytes().take(128).enumerate() {
+        d.dtype[i] = b as c_char;
+    }
+    for (i, s) in meta.shape.iter().take(16).enumerate() {
+        d.shape[i] = *s;
+    }
+    d
+}
+
+/// A timeout in microseconds from C: negative waits forever.
+fn micros(t: i64) -> Option<std::time::Duration> {
+    u64::try_from(t).ok().map(std::time::Duration::from_micros)
+}
+
+/// Creates a channel for messages of `dtype` (a NumPy descriptor, `itemsize` bytes per element)
+/// and `shape` (`ndim` dimensions), with `slots` slots, `policy` (`ZCBUF_POLICY_*`), made for up
+/// to `max_subscribers` subscribers (0: 64), named `name` (NULL: generated; read it with
+/// `zcbuf_pub_name`). This process becomes its one publisher; writes the handle to `out_pub` and,
+/// when `out_desc` is not NULL, the channel's description.
+///
+/// # Safety
+/// `name` NULL or a NUL-terminated string; `dtype` a NUL-terminated string; `shape` valid for
+/// `ndim` reads (or NULL when `ndim` is 0); `out_pub` valid for a write; `out_desc` NULL or
+/// valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_publish(
+    name: *const c_char,
+    dtype: *const c_char,
+    itemsize: u64,
+    shape: *const u64,
+    ndim: u32,
+    slots: u32,
+    policy: u32,
+    max_subscribers: u32,
+    out_pub: *mut u64,
+    out_desc: *mut ZcbufChannel,
+) -> i32 {
+    guard(|| {
+        if out_pub.is_null() {
+            return Err(null("out_pub"));
+        }
+        // SAFETY: the caller guarantees `name` is NULL or NUL-terminated.
+        let name = if name.is_null() {
+            None
+        } else {
+            Some(unsafe { c_str(name, "name") }?)
+        };
+        // SAFETY: the caller guarantees `dtype` is NUL-terminated.
+        let dtype = unsafe { c_str(dtype, "dtype") }?;
+        let dims: &[u64] = if ndim == 0 {
+            &[]
+        } else if shape.is_null() {
+            return Err(null("shape"));
+        } else {
+            // SAFETY: the caller guarantees `ndim` readable elements at `shape`.
+            unsafe { std::slice::from_raw_parts(shape, ndim as usize) }
+        };
+        let meta = Meta::typed(dtype, itemsize, dims)?;
+        let policy = crate::channel::Policy::from_code(policy)?;
+        let subs = if max_subscribers == 0 {
+            crate::channel::DEFAULT_SUBSCRIBERS
+        } else {
+            max_subscribers
+        };
+        let p = crate::channel::Publisher::create(name, meta, slots, policy, subs)?;
+        let desc = describe(p.meta(), p.msg_len(), p.slots(), p.policy());
+        let id = crate::channel::handles::add_pub(p);
+        if !out_desc.is_null() {
+            // SAFETY: non-NULL; the caller guarantees it is writable.
+            unsafe { out_desc.write(desc) };
+        }
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_pub, id, "out_pub") }
+    })
+}
+
+/// Copies the channel's name into `buf` (NUL-terminated, truncated to `cap`); writes its full
+/// length to `out_len`.
+///
+/// # Safety
+/// `buf` valid for `cap` bytes (or `cap` 0); `out_len` valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_pub_name(
+    publisher: u64,
+    buf: *mut c_char,
+    cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    guard(|| {
+        let name = crate::channel::handles::with_pub(publisher, |p| Ok(p.name().to_owned()))?;
+        // SAFETY: the caller guarantees `buf` holds `cap` bytes and `out_len` is writable.
+        unsafe {
+            let n = copy_out(name.as_bytes(), buf, cap);
+            put(out_len, n, "out_len")
+        }
+    })
+}
+
+/// Loans a free slot: writes its address (writable for one message's bytes) to `out_ptr` and its
+/// index to `out_slot`. Waits up to `timeout_us` microseconds (negative: forever) when none is
+/// free (`ZCBUF_ETIMEDOUT`). Publish it with `zcbuf_pub_send`, or give it back with
+/// `zcbuf_pub_cancel`.
+///
+/// # Safety
+/// `out_ptr` and `out_slot` valid for writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_pub_loan(
+    publisher: u64,
+    timeout_us: i64,
+    out_ptr: *mut *mut u8,
+    out_slot: *mut u32,
+) -> i32 {
+    guard(|| {
+        if out_ptr.is_null() || out_slot.is_null() {
+            return Err(null("out_ptr or out_slot"));
+        }
+        let loan = crate::channel::handles::with_pub(publisher, |p| p.loan(micros(timeout_us)))?;
+        // SAFETY: both checked non-NULL; the caller guarantees they are writable.
+        unsafe {
+            put(out_ptr, loan.as_ptr(), "out_ptr")?;
+            put(out_slot, loan.slot() as u32, "out_slot")
+        }
+    })
+}
+
+/// Publishes loaned slot `slot` as the next message; writes its sequence number to `out_seq`
+/// (may be NULL).
+///
+/// # Safety
+/// `out_seq` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_pub_send(publisher: u64, slot: u32, out_seq: *mut u64) -> i32 {
+    guard(|| {
+        let seq = crate::channel::handles::with_pub(publisher, |p| p.send(slot as usize))?;
+        if !out_seq.is_null() {
+            // SAFETY: non-NULL; the caller guarantees it is writable.
+            unsafe { out_seq.write(seq) };
+        }
+        Ok(())
+    })
+}
+
+/// Writes the number of subscribers receiving now to `out_count`.
+///
+/// # Safety
+/// `out_count` valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_pub_subscribers(publisher: u64, out_count: *mut u32) -> i32 {
+    guard(|| {
+        let n = crate::channel::handles::with_pub(publisher, |p| Ok(p.subscribers() as u32))?;
+        // SAFETY: the caller guarantees `out_count` is NULL or writable; `put` checks NULL.
+        unsafe { put(out_count, n, "out_count") }
+    })
+}
+
+/// Gives loaned slot `slot` back unsent.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_pub_cancel(publisher: u64, slot: u32) -> i32 {
+    guard(|| crate::channel::handles::with_pub(publisher, |p| p.cancel(slot as usize)))
+}
+
+/// Copies `len` bytes (exactly one message) from `data` into a free slot and publishes it, in one
+/// call; waits like `zcbuf_pub_loan`. Writes the sequence number to `out_seq` (may be NULL).
+///
+/// # Safety
+/// `data` valid for `len` reads; `out_seq` NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_pub_send_copy(
+    publisher: u64,
+    data: *const u8,
+    len: usize,
+    timeout_us: i64,
+    out_seq: *mut u64,
+) -> i32 {
+    guard(|| {
+        if data.is_null() {
+            return Err(null("data"));
+        }
+        // SAFETY: the caller guarantees `len` readable bytes at `data`.
+        let bytes = unsafe { std::slice::from_raw_parts(data, len) };
+        let seq = crate::channel::handles::with_pub(publisher, |p| {
+            p.send_copy(bytes, micros(timeout_us))
+        })?;
+        if !out_seq.is_null() {
+            // SAFETY: non-NULL; the caller guarantees it is writable.
+            unsafe { out_seq.write(seq) };
+        }
+        Ok(())
+    })
+}
+
+/// Ends the stream: subscribers receive what was sent, then `ZCBUF_ECLOSED`. The handle stays
+/// valid (later sends fail with `ZCBUF_ECLOSED`; loans may still be cancelled) until
+/// `zcbuf_pub_free`. Idempotent.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_pub_close(publisher: u64) -> i32 {
+    guard(|| crate::channel::handles::close_pub(publisher))
+}
+
+/// Ends the stream if still open and releases the handle; loaned slots' addresses become
+/// invalid (the segment may be unmapped).
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_pub_free(publisher: u64) -> i32 {
+    guard(|| crate::channel::handles::free_pub(publisher))
+}
+
+/// Subscribes to channel `name`: receives the messages published from now on. Writes the handle
+/// to `out_sub` and, when `out_desc` is not NULL, the channel's description. A plain buffer is
+/// `ZCBUF_EINVAL`; all subscriber entries taken is `ZCBUF_ENOMEM`.
+///
+/// # Safety
+/// `name` a NUL-terminated string; `out_sub` valid for a write; `out_desc` NULL or valid for a
+/// write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_subscribe(
+    name: *const c_char,
+    out_sub: *mut u64,
+    out_desc: *mut ZcbufChannel,
+) -> i32 {
+    guard(|| {
+        if out_sub.is_null() {
+            return Err(null("out_sub"));
+        }
+        // SAFETY: the caller guarantees a NUL-terminated string.
+        let name = unsafe { c_str(name, "name") }?;
+        let s = crate::channel::Subscriber::open(name)?;
+        let desc = describe(s.meta(), s.msg_len(), s.slots(), s.policy());
+        let id = crate::channel::handles::add_sub(s);
+        if !out_desc.is_null() {
+            // SAFETY: non-NULL; the caller guarantees it is writable.
+            unsafe { out_desc.write(desc) };
+        }
+        // SAFETY: checked non-NULL above.
+        unsafe { put(out_sub, id, "out_sub") }
+    })
+}
+
+/// Receives the next message into `out`, waiting up to `timeout_us` microseconds (negative:
+/// forever; 0: only look): `ZCBUF_ETIMEDOUT` when none came, `ZCBUF_ECLOSED` at end of stream
+/// (the publisher closed or died, and everything it sent was received). The message stays valid
+/// until `zcbuf_sub_release(sub, out->slot)`.
+///
+/// # Safety
+/// `out` valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn zcbuf_sub_recv(
+    subscriber: u64,
+    timeout_us: i64,
+    out: *mut ZcbufMessage,
+) -> i32 {
+    guard(|| {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let m = crate::channel::handles::with_sub(subscriber, |h| {
+            let sub = h.sub.as_mut().ok_or_else(|| {
+                Error::InvalidArgument(format!("subscriber handle {subscriber} is closed"))
+            })?;
+            let msg = sub.recv(micros(timeout_us))?;
+            let desc = ZcbufMessage {
+                ptr: msg.as_ptr(),
+                len: msg.len(),
+                seq: msg.seq(),
+                timestamp_ns: msg.timestamp_ns(),
+                missed: sub.missed(),
+                slot: msg.slot() as u32,
+            };
+            let k = msg.slot();
+            h.out[k] = Some(msg); // a pinned slot holds one message: nothing is replaced
+            Ok(desc)
+        })?;
+        // SAFETY: checked non-NULL; the caller guarantees it is writable.
+        unsafe { out.write(m) };
+        Ok(())
+    })
+}
+
+/// Waits up to `timeout_us` microseconds (negative: forever) until `subscriber` has something to
+/// receive — a message, or the end of the stream — without receiving it: `ZCBUF_OK` then, else
+/// `ZCBUF_ETIMEDOUT`. Another thread may call `zcbuf_sub_recv` meanwhile (for event loops).
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_sub_wait(subscriber: u64, timeout_us: i64) -> i32 {
+    guard(|| {
+        if crate::channel::handles::wait_sub(subscriber, micros(timeout_us))? {
+            Ok(())
+        } else {
+            Err(Error::Timeout(format!(
+                "subscriber handle {subscriber}: nothing to receive within the timeout"
+            )))
+        }
+    })
+}
+
+/// Releases message `slot` received through `subscriber`: the publisher may reuse the slot once
+/// no subscriber pins it.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_sub_release(subscriber: u64, slot: u32) -> i32 {
+    guard(|| crate::channel::handles::release(subscriber, slot as usize))
+}
+
+/// Closes a subscriber: from now on it no longer holds back a block-policy publisher. Messages
+/// received before stay valid until released; the handle goes with the last of them.
+#[unsafe(no_mangle)]
+pub extern "C" fn zcbuf_sub_close(subscriber: u64) -> i32 {
+    guard(|| crate::channel::handles::close_sub(subscriber))
 }
 
 // -- The buffer protocol for the Python package -----------------------------------------------
@@ -944,8 +1319,12 @@ pub unsafe extern "C" fn zcbuf_py_setup(
     ZCBUF_OK
 }
 
+/// CPython's `PyBUF_FORMAT` request flag.
+const PYBUF_FORMAT: i32 = 0x0004;
+
 /// For the Python package only: a CPython `getbufferproc` (`int (PyObject *, Py_buffer *,
-/// int)`) that exports `obj._export`'s buffer as `obj`'s. Returns 0, or -1 with a Python
+/// int)`) that exports `obj._export`'s buffer as `obj`'s (`obj._export_bytes`'s when the
+/// request does not ask for a format). Returns 0, or -1 with a Python
 /// exception set (by CPython) — its return value is CPython's convention, not a zcbuf status.
 ///
 /// # Safety
@@ -967,7 +1346,15 @@ pub unsafe extern "C" fn zcbuf_py_getbuffer(
     // exception set; GetBuffer fills `view` (taking its own reference to `target` in
     // `view->obj`) or returns -1 with an exception set; our reference is dropped either way.
     unsafe {
-        let target = getattr(obj, c"_export".as_ptr());
+        // A consumer that asks for the format (NumPy, memoryview) gets the typed export; one
+        // that wants bytes only (hashlib, sockets, pyarrow) gets the raw bytes, which every
+        // dtype has.
+        let attr = if flags & PYBUF_FORMAT != 0 {
+            c"_export"
+        } else {
+            c"_export_bytes"
+        };
+        let target = getattr(obj, attr.as_ptr());
         if target.is_null() {
             return -1;
         }

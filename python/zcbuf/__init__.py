@@ -18,6 +18,7 @@ from __future__ import annotations
 from ._admin import Removed, Segment, gc, gc_report, ls, unlink
 from ._buffer import Buffer, create, empty, from_array, from_dlpack, get, open, open_file, zeros
 from ._share import SharedView, share
+from ._channel import Publisher, Subscriber, publish, subscribe
 from . import _errors
 from ._errors import (
     AlreadyExistsError,
@@ -31,6 +32,7 @@ from ._errors import (
     PermissionDeniedError,
     ReadOnlyError,
     Timeout,
+    ChannelClosed,
 )
 
 __version__ = "0.1.0"
@@ -44,6 +46,10 @@ __all__ = [
     "from_dlpack",
     "share",
     "SharedView",
+    "publish",
+    "subscribe",
+    "Publisher",
+    "Subscriber",
     "open",
     "open_file",
     "get",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from typing import Any, Iterator, Optional, Tuple, Union
 
@@ -348,6 +349,58 @@ def publish(
     return Publisher(out[0], desc)
 
 
+def _wake(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Waiter:
+    """A subscriber's helper thread for asyncio: when armed, waits natively until there is
+    something to receive (without receiving it) and wakes the event loop."""
+
+    def __init__(self, sid: int, name: str) -> None:
+        self._sid = sid
+        self._armed = threading.Event()
+        self._target: Optional[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"zcbuf-subscriber-{name}", daemon=True)
+        self._thread.start()
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> "asyncio.Future[None]":
+        fut: "asyncio.Future[None]" = loop.create_future()
+        self._target = (loop, fut)
+        self._armed.set()
+        return fut
+
+    def disarm(self) -> None:
+        self._armed.clear()
+        self._target = None
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._armed.set()
+
+    def _run(self) -> None:
+        while True:
+            self._armed.wait()
+            if self._stopped:
+                return
+            st = lib.zcbuf_sub_wait(self._sid, _SLICE_US)
+            if st == _ETIMEDOUT:
+                continue
+            target = self._target
+            self._armed.clear()
+            self._target = None
+            if target is not None:
+                loop, fut = target
+                try:
+                    loop.call_soon_threadsafe(_wake, fut)
+                except RuntimeError:  # the loop was closed meanwhile
+                    pass
+            if st:  # the subscriber was closed: nothing more to wait for
+                return
+
+
 class Subscriber:
     """The receiving end of a channel; see :func:`subscribe`.
 
@@ -356,7 +409,7 @@ class Subscriber:
     keeping a message is safe. Iterating receives until the end of the stream.
     """
 
-    __slots__ = ("_id", "_name", "_shape", "_dtype", "_nbytes", "_count", "_flat", "_slots", "_policy", "_last", "_out", "__weakref__")
+    __slots__ = ("_id", "_name", "_shape", "_dtype", "_nbytes", "_count", "_flat", "_slots", "_policy", "_last", "_out", "_waiter", "__weakref__")
 
     def __init__(self, id_: int, name: str, desc: Any) -> None:
         self._id = 0
@@ -368,6 +421,7 @@ class Subscriber:
         self._flat = len(shape) == 1
         self._out = _new("zcbuf_message_t *")
         self._last: Any = None
+        self._waiter: Optional[_Waiter] = None
         self._id = id_
 
     @property
@@ -465,22 +519,37 @@ class Subscriber:
                 return
 
     async def recv_async(self, timeout: Optional[float] = None) -> np.ndarray:
-        """:meth:`recv` for asyncio: returns at once when a message is waiting, else waits in a
-        worker thread (the event loop keeps running)."""
-        try:
-            return self.recv(0)
-        except Timeout:
-            if timeout == 0:
-                raise
-        loop = asyncio.get_running_loop()
-        # Its own message struct: recv() in the loop's thread may run meanwhile.
-        return await loop.run_in_executor(None, self._recv_into, timeout, _new("zcbuf_message_t *"))
+        """:meth:`recv` for asyncio: returns at once when a message is waiting; else a helper
+        thread of this subscriber waits natively (spinning briefly, then on the doorbell) and
+        wakes the event loop, which receives the message itself. The loop never blocks."""
+        deadline = None if timeout is None else _monotonic() + timeout
+        while True:
+            try:
+                return self.recv(0)
+            except Timeout:
+                pass
+            left = None if deadline is None else deadline - _monotonic()
+            if left is not None and left <= 0:
+                raise Timeout(f"channel {self._name!r}: no message came for {timeout} s, the timeout")
+            w = self._waiter
+            if w is None:
+                if self._id == 0:
+                    raise ChannelClosed(f"subscriber of channel {self._name!r} is closed")
+                w = self._waiter = _Waiter(self._id, self._name)
+            fut = w.arm(asyncio.get_running_loop())
+            try:
+                await asyncio.wait_for(fut, left)
+            except asyncio.TimeoutError:
+                w.disarm()
 
     def close(self) -> None:
         """Stops receiving: a ``"block"`` publisher no longer waits for this subscriber.
         Arrays received stay valid. Idempotent."""
         if self._id:
             id_, self._id = self._id, 0
+            if self._waiter is not None:
+                self._waiter.stop()
+                self._waiter = None
             check(lib.zcbuf_sub_close(id_))
 
     def __enter__(self) -> "Subscriber":

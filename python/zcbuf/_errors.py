@@ -16,6 +16,7 @@ __all__ = [
     "IOFailedError",
     "InternalError",
     "Timeout",
+    "ChannelClosed",
 ]
 
 
@@ -80,9 +81,17 @@ class InternalError(Error, RuntimeError):
 
 
 class Timeout(Error, TimeoutError):
-    """A bounded wait ran out: another process held a segment's lock for too long."""
+    """A bounded wait ran out: a channel's timeout, a buffer that did not come in time, or
+    another process holding a segment's lock for too long."""
 
     status = lib.ZCBUF_ETIMEDOUT
+
+
+class ChannelClosed(Error, EOFError):
+    """A channel's stream ended: its publisher closed it or died, and every message it sent
+    before was received. Iterating over a subscriber stops here."""
+
+    status = lib.ZCBUF_ECLOSED
 
 
 _BY_STATUS: dict[int, type[Error]] = {
@@ -98,6 +107,7 @@ _BY_STATUS: dict[int, type[Error]] = {
         IOFailedError,
         InternalError,
         Timeout,
+        ChannelClosed,
     )
 }
 
