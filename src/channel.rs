@@ -1623,7 +1623,7 @@ fn claim_entry(ch: &Chan) -> Result<usize> {
 }
 
 /// What `ls` shows of a channel: its layout and every subscriber's position.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelInfo {
     /// The message type.
     pub meta: Meta,
@@ -1639,6 +1639,68 @@ pub struct ChannelInfo {
     pub publisher: (u32, bool),
     /// Each subscriber entry in use: (pid as it saw itself, position, missed, alive).
     pub subscribers: Vec<(u32, u64, u64, bool)>,
+}
+
+/// What a channel's control block and subscriber table say, read with `pread` from `fd` (a
+/// segment whose header said its data starts at `data_offset`), without mapping or holding it;
+/// `None` when the data region does not hold a channel of this version. Role liveness comes
+/// from `F_OFD_GETLK` on `fd`. For `ls`.
+pub(crate) fn peek(
+    fd: std::os::fd::BorrowedFd<'_>,
+    data_offset: u64,
+    data_len: u64,
+) -> Option<ChannelInfo> {
+    let mut ctl = vec![0u8; CTL_LEN];
+    if rustix::io::pread(fd, &mut ctl, data_offset).ok()? != CTL_LEN {
+        return None;
+    }
+    let p = ctl.as_ptr();
+    if read_u64(p, C_MAGIC) != CTL_MAGIC || read_u32(p, C_VERSION) != CTL_VERSION {
+        return None;
+    }
+    let ndim = read_u32(p, C_NDIM) as usize;
+    let dlen = read_u32(p, C_DTYPE_LEN) as usize;
+    if ndim > MAX_MSG_NDIM || dlen == 0 || dlen > MSG_DTYPE_CAP {
+        return None;
+    }
+    let dtype = String::from_utf8(ctl[C_DTYPE..C_DTYPE + dlen].to_vec()).ok()?;
+    let shape: Vec<u64> = (0..ndim).map(|i| read_u64(p, C_SHAPE + 8 * i)).collect();
+    let meta = Meta::typed(&dtype, read_u64(p, C_ITEMSIZE), &shape).ok()?;
+    let policy = Policy::from_code(read_u32(p, C_POLICY)).ok()?;
+    let lay = Layout::new(meta, read_u32(p, C_SLOTS), read_u32(p, C_SUBS), policy).ok()?;
+    if read_u64(p, C_SUBS_OFF) != lay.subs_off as u64 || lay.total as u64 > data_len {
+        return None;
+    }
+    let mut subs = vec![0u8; SUB_ENTRY * lay.subs];
+    let at = data_offset + lay.subs_off as u64;
+    if rustix::io::pread(fd, &mut subs, at).ok()? != subs.len() {
+        return None;
+    }
+    let sp = subs.as_ptr();
+    let mut subscribers = Vec::new();
+    for i in 0..lay.subs {
+        let st = read_u32(sp, SUB_ENTRY * i + S_STATE) & 0xf;
+        if st == ST_ACTIVE || st == ST_DRAINING {
+            subscribers.push((
+                read_u32(sp, SUB_ENTRY * i + S_PID),
+                read_u64(sp, SUB_ENTRY * i + S_POS),
+                read_u64(sp, SUB_ENTRY * i + S_MISSED),
+                liveness::ofd_locked_by_other(fd, SUB_BYTE + i as i64).unwrap_or(false),
+            ));
+        }
+    }
+    Some(ChannelInfo {
+        meta: lay.meta.clone(),
+        slots: lay.slots,
+        policy,
+        published: read_u64(p, C_HEAD),
+        closed: read_u32(p, C_CLOSED) != 0,
+        publisher: (
+            read_u32(p, C_PUB_PID),
+            liveness::ofd_locked_by_other(fd, PUB_BYTE).unwrap_or(false),
+        ),
+        subscribers,
+    })
 }
 
 /// Describes channel `name` without subscribing.

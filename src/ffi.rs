@@ -837,8 +837,33 @@ pub unsafe extern "C" fn zcbuf_list(buf: *mut c_char, cap: usize, out_len: *mut 
             let shape: Vec<String> = s.meta.shape.iter().map(u64::to_string).collect();
             let problem = s.problem.unwrap_or_default().replace(['\t', '\n'], " ");
             let pids: Vec<String> = s.holders.iter().map(u32::to_string).collect();
+            let channel = s.channel.as_ref().map_or(String::new(), |c| {
+                let subs: Vec<String> = c
+                    .subscribers
+                    .iter()
+                    .map(|(pid, pos, missed, alive)| {
+                        format!("{pid}:{pos}:{missed}:{}", u8::from(*alive))
+                    })
+                    .collect();
+                let shape: Vec<String> = c.meta.shape.iter().map(u64::to_string).collect();
+                format!(
+                    "{};{};{};{};{};{};{};{};{}",
+                    match c.policy {
+                        crate::channel::Policy::Block => "block",
+                        crate::channel::Policy::Latest => "latest",
+                    },
+                    c.slots,
+                    c.published,
+                    u8::from(c.closed),
+                    c.publisher.0,
+                    u8::from(c.publisher.1),
+                    subs.join(","),
+                    shape.join(","),
+                    c.meta.dtype.replace(['\t', '\n'], " ")
+                )
+            });
             text.push_str(&format!(
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
                 s.name,
                 s.len,
                 s.meta.dtype,
@@ -849,7 +874,8 @@ pub unsafe extern "C" fn zcbuf_list(buf: *mut c_char, cap: usize, out_len: *mut 
                 s.created_ns,
                 s.creator_pid,
                 problem,
-                u8::from(s.sealed)
+                u8::from(s.sealed),
+                channel
             ));
         }
         // SAFETY: `buf` holds `cap` bytes (or cap is 0); `out_len` checked non-NULL.

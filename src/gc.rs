@@ -38,6 +38,8 @@ pub struct SegmentInfo {
     /// Sealed ([`crate::Registry::seal`]): immutable, every open maps it read-only. Read from
     /// the file mode, which is where the seal lives.
     pub sealed: bool,
+    /// For a channel: its message type, policy, positions and who is alive.
+    pub channel: Option<crate::channel::ChannelInfo>,
 }
 
 /// What [`gc`] removed, and why.
@@ -100,6 +102,7 @@ fn info(name: &str, p: Parsed, held: bool, pids: &[i32], sealed: bool) -> Segmen
         creator_pid: p.creator_pid,
         problem: None,
         sealed,
+        channel: None,
     }
 }
 
@@ -129,7 +132,12 @@ pub fn list() -> Result<Vec<SegmentInfo>> {
         };
         let sealed = crate::shm::is_sealed_mode(st.st_mode);
         match inspect_header(fd.as_fd(), &st, &name) {
-            Ok(p) => out.push(info(&name, p, held, &pids, sealed)),
+            Ok(p) => {
+                let channel = crate::channel::peek(fd.as_fd(), p.data_offset, p.data_len);
+                let mut i = info(&name, p, held, &pids, sealed);
+                i.channel = channel;
+                out.push(i);
+            }
             Err(e) => out.push(SegmentInfo {
                 name,
                 len: 0,
@@ -141,6 +149,7 @@ pub fn list() -> Result<Vec<SegmentInfo>> {
                 creator_pid: 0,
                 problem: Some(e.to_string()),
                 sealed,
+                channel: None,
             }),
         }
     }

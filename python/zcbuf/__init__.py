@@ -15,7 +15,7 @@ Arrays hold the memory: ``buf.free()`` retires the buffer but never breaks an ar
 
 from __future__ import annotations
 
-from ._admin import Removed, Segment, gc, gc_report, ls, unlink
+from ._admin import ChannelState, Removed, Segment, gc, gc_report, ls, unlink
 from ._buffer import Buffer, create, empty, from_array, from_dlpack, get, open, open_file, zeros
 from ._share import SharedView, share
 from ._channel import Publisher, Subscriber, publish, subscribe
@@ -58,6 +58,7 @@ __all__ = [
     "ls",
     "unlink",
     "Segment",
+    "ChannelState",
     "Removed",
     *_errors.__all__,
 ]

@@ -36,8 +36,21 @@ def _ls() -> int:
         else:
             who = "yes (pid unknown)" if s.held else "nobody"
         flags = (" persistent" if s.persistent else "") + (" sealed" if s.sealed else "")
+        c = s.channel
+        if c is not None:
+            dtype = c.dtype[:10]
+            shape = "x".join(map(str, c.shape)) or "()"
+            flags += " channel"
         print(f"{s.name:<42} {fmt_size(s.nbytes):>10} {dtype:<10} {shape:<16} {who:<20} {age:>8}{flags}"
               + (f"  ! {s.problem}" if s.problem else ""))
+        if c is not None:
+            state = "closed" if c.closed else ("alive" if c.publisher_alive else "dead")
+            print(f"    {c.policy}, {c.slots} slots, {c.published} published; publisher pid "
+                  f"{c.publisher_pid} ({state}); {len(c.subscribers)} subscriber(s)")
+            for pid, pos, missed, alive in c.subscribers:
+                extra = f", missed {missed}" if missed else ""
+                print(f"      pid {pid}: at {pos} ({c.published - pos} waiting{extra})"
+                      + ("" if alive else " dead"))
     return 0
 
 

