@@ -48,6 +48,20 @@ fn child(role: &str, tag: &str, bytes: u64) {
                 pong.send(l.slot()).unwrap();
             }
         }
+        "sleeper" => {
+            // Receives messages that carry their send time (CLOCK_MONOTONIC, ns, system-wide);
+            // prints the one-way latencies' p50 and p99.
+            let mut s = subscribe(&format!("chbench-sleep-{tag}"));
+            let mut lat = Vec::new();
+            while let Ok(m) = s.recv(None) {
+                let now = mono_ns();
+                let sent = u64::from_le_bytes(m.to_vec()[..8].try_into().unwrap());
+                lat.push(now.saturating_sub(sent));
+            }
+            lat.sort();
+            let q = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e3;
+            println!("{:.2} {:.2} {}", q(0.5), q(0.99), lat.len());
+        }
         "sink" => {
             let mut s = subscribe(&format!("chbench-thr-{tag}"));
             let mut n = 0u64;
@@ -60,9 +74,14 @@ fn child(role: &str, tag: &str, bytes: u64) {
     }
 }
 
+fn mono_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() > 1 && (args[1] == "echo" || args[1] == "sink") {
+    if args.len() > 1 && ["echo", "sink", "sleeper"].contains(&args[1].as_str()) {
         child(&args[1], &args[2], args[3].parse().unwrap());
         return;
     }
@@ -104,6 +123,38 @@ fn main() {
         rounds,
         q(0.5),
         q(0.99)
+    );
+
+    // Latency after the subscriber has gone to sleep: a message every 2 ms.
+    let mut sl = Publisher::create(
+        Some(&format!("chbench-sleep-{tag}")),
+        meta(bytes.max(8)),
+        8,
+        Policy::Block,
+        4,
+    )
+    .unwrap();
+    let sleeper = std::process::Command::new(&exe)
+        .args(["sleeper", &tag, &bytes.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while sl.subscribers() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut msg = vec![0u8; bytes.max(8) as usize];
+    for _ in 0..500 {
+        std::thread::sleep(Duration::from_millis(2));
+        msg[..8].copy_from_slice(&mono_ns().to_le_bytes());
+        sl.send_copy(&msg, None).unwrap();
+    }
+    sl.close().unwrap();
+    let out = sleeper.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text.split_whitespace().collect();
+    println!(
+        "one-way latency after the subscriber slept (a message every 2 ms, {} messages): p50 {} us, p99 {} us",
+        f[2], f[0], f[1]
     );
 
     // Throughput: block policy, 256 slots.
