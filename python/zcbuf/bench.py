@@ -32,7 +32,7 @@ from ._native import ffi, lib
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 DEFAULT_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 256 * MiB, 1 * GiB]
-SUITES = ("inproc", "interproc", "touch")
+SUITES = ("inproc", "interproc", "touch", "channel")
 #: copying peers are skipped above these sizes (they take seconds and prove nothing new)
 JSON_MAX = 16 * MiB
 CFFI_MAX = 1 * GiB
@@ -660,6 +660,920 @@ def _touch_one(n: int, reps: int, label: str, kw: Dict[str, bool]) -> Row:
 
 
 # --------------------------------------------------------------------------------------------
+# 4. Channels: messages from one Python process to another, against what people use today
+#
+# The producer (this process) and a spawned consumer exchange messages through one "way" at a
+# time: a zcbuf channel, or a peer. Every message carries a counter in its first 8 bytes (and,
+# for one-way timing, the send time in the next 8: time.perf_counter_ns() is CLOCK_MONOTONIC,
+# one clock for every process on Linux), so every figure comes with a check that every message
+# arrived, in order. Names passed to anything start with "chbench-".
+
+#: message sizes of the latency figures (the throughput figure is at the first)
+CHANNEL_SIZES = (64, 4 * KiB)
+CHANNEL_FRAME = 64 * MiB
+CHANNEL_FRAME_SLOTS = 4
+#: slots (and the peers' queue depth) for latency, and for throughput (as examples/channel_rust.rs)
+CHANNEL_SLOTS = 8
+CHANNEL_THR_SLOTS = 256
+#: the sender waits this long before each message of the "after sleeping" figures
+CHANNEL_GAP = 0.002
+#: counter value that ends a throughput stream
+_END = (1 << 64) - 1
+#: the zcbuf row of the channel tables, and the optional peers (module to import, label)
+CHANNEL_ZC = "zcbuf channel"
+CHANNEL_OPTIONAL = {"pyzmq": ("zmq", "pyzmq (ipc://)"), "faster-fifo": ("faster_fifo", "faster-fifo"),
+                    "iceoryx2": ("iceoryx2", "iceoryx2 (pub-sub + event)")}
+
+
+@dataclass
+class ChannelPlan:
+    """How much of each channel figure to take (``--quick`` takes less)."""
+
+    rounds: int = 20_000  # ping-pong round trips per size
+    stamps: int = 1_000  # one-way messages after sleeping, per size
+    thr_s: float = 2.0  # seconds of throughput (at least 1)
+    frames: int = 24  # 64 MiB frames per variant
+    async_rounds: int = 3_000
+    idle_s: float = 10.0
+
+    @classmethod
+    def quick(cls) -> "ChannelPlan":
+        return cls(rounds=2_000, stamps=200, thr_s=1.0, frames=8, async_rounds=300, idle_s=2.0)
+
+
+def _hdr(m: Any) -> Tuple[int, int]:
+    """(counter, send time) from the first 16 bytes of a received message (bytes, an ndarray,
+    or a ctypes array)."""
+    return int.from_bytes(m[0:8], "little"), int.from_bytes(m[8:16], "little")
+
+
+class _Tx:
+    """The sending end of one direction: ``send(message)``, ``close()``, and ``connected()``
+    (called once the other side is there, for ways that must learn of it)."""
+
+    def __init__(self, send: Callable[[Any], Any], close: Callable[[], Any] = lambda: None,
+                 connected: Callable[[], Any] = lambda: None) -> None:
+        self.send, self.close, self.connected = send, close, connected
+
+
+class _Rx:
+    """The receiving end of one direction: ``recv()`` returns the message, ``close()``."""
+
+    def __init__(self, recv: Callable[[], Any], close: Callable[[], Any] = lambda: None) -> None:
+        self.recv, self.close = recv, close
+
+
+class _Way:
+    """One way of sending messages between the two processes. ``shared()`` makes (in the
+    producer) what the consumer must inherit at spawn; each process then builds a ``_Way`` over
+    it and makes ends per test: ``tx``/``rx`` for direction ``d`` ("ping": producer to
+    consumer, "pong": back) of a test named ``key``."""
+
+    label = ""
+
+    @staticmethod
+    def shared(key: str) -> Any:
+        return None
+
+    def __init__(self, side: str, shared: Any) -> None:
+        self.side, self.sh = side, shared
+
+    def prepare(self, key: str, n: int, slots: int) -> Callable[[], None]:
+        """Producer side, before a test: makes what the test's ends open; returns its cleanup."""
+        return lambda: None
+
+    def after_spawn(self) -> None:
+        """Producer side: drops its copies of the consumer's ends (so a dead consumer is EOF)."""
+
+    def tx(self, d: str, key: str, n: int, slots: int) -> _Tx:
+        raise NotImplementedError
+
+    def rx(self, d: str, key: str, n: int, slots: int) -> _Rx:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _ZcbufWay(_Way):
+    label = CHANNEL_ZC
+
+    def tx(self, d: str, key: str, n: int, slots: int) -> _Tx:
+        import zcbuf
+
+        pub = zcbuf.publish((n,), np.uint8, slots=slots, name=f"chbench-{key}-{d}", policy="block")
+        return _Tx(pub.send, pub.close)
+
+    def rx(self, d: str, key: str, n: int, slots: int) -> _Rx:
+        import zcbuf
+
+        sub = zcbuf.subscribe(f"chbench-{key}-{d}")
+        return _Rx(sub.recv, sub.close)
+
+
+class _PipeWay(_Way):
+    """``multiprocessing.Pipe()`` (duplex), ``send_bytes``/``recv_bytes``."""
+
+    label = "mp.Pipe (send_bytes)"
+
+    @staticmethod
+    def shared(key: str) -> Any:
+        return mp.get_context("spawn").Pipe()
+
+    def _conn(self) -> Any:
+        return self.sh[0] if self.side == "producer" else self.sh[1]
+
+    def after_spawn(self) -> None:
+        self.sh[1].close()
+
+    def tx(self, d: str, key: str, n: int, slots: int) -> _Tx:
+        return _Tx(self._conn().send_bytes)
+
+    def rx(self, d: str, key: str, n: int, slots: int) -> _Rx:
+        return _Rx(self._conn().recv_bytes)
+
+    def close(self) -> None:
+        self._conn().close()
+
+
+def _as_bytes(m: Any) -> bytes:
+    return m if type(m) is bytes else bytes(m)
+
+
+class _QueueWay(_Way):
+    """``multiprocessing.Queue``, one per direction, bounded like the zcbuf ring (a sender
+    waits when it is full, as under "block"); the message as ``bytes`` (a pickled object is
+    sent later by the queue's feeder thread: an array could change meanwhile)."""
+
+    label = "mp.Queue"
+
+    @staticmethod
+    def shared(key: str) -> Any:
+        ctx = mp.get_context("spawn")
+        return {"ping": ctx.Queue(CHANNEL_THR_SLOTS), "pong": ctx.Queue(CHANNEL_THR_SLOTS)}
+
+    def tx(self, d: str, key: str, n: int, slots: int) -> _Tx:
+        put = self.sh[d].put
+        return _Tx(lambda m: put(m if type(m) is bytes else bytes(m)))
+
+    def rx(self, d: str, key: str, n: int, slots: int) -> _Rx:
+        return _Rx(self.sh[d].get)
+
+    def close(self) -> None:
+        for q in self.sh.values():
+            q.close()
+            q.cancel_join_thread()  # every test drained its queue; never wait on a dead consumer
+
+
+class _RingTx:
+    """A ring of ``slots`` messages in ``multiprocessing.shared_memory``: the sender copies a
+    message into the next slot and sends its index through a Pipe; the receiver sends back
+    how many it has finished with every half ring (credits), so no slot is overwritten unread."""
+
+    def __init__(self, conn: Any, shm: Any, n: int, slots: int) -> None:
+        self.conn, self.shm, self.k = conn, shm, slots
+        self.views = [np.ndarray((n,), np.uint8, buffer=shm.buf, offset=i * n) for i in range(slots)]
+        self.idx = [i.to_bytes(4, "little") for i in range(slots)]
+        self.pos = self.acked = 0
+
+    def send(self, m: Any) -> None:
+        pos = self.pos
+        while pos - self.acked >= self.k:
+            self.acked = int.from_bytes(self.conn.recv_bytes(), "little")
+        i = pos % self.k
+        v = self.views[i]
+        v[:] = m if isinstance(m, np.ndarray) else np.frombuffer(m, np.uint8)
+        self.conn.send_bytes(self.idx[i])
+        self.pos = pos + 1
+
+    def close(self) -> None:
+        while self.conn.poll(0):  # credits of this test, sent before the last message ended
+            self.conn.recv_bytes()
+        self.views = []
+        self.shm.close()
+
+
+class _RingRx:
+    def __init__(self, conn: Any, shm: Any, n: int, slots: int) -> None:
+        self.conn, self.shm = conn, shm
+        self.views = [np.ndarray((n,), np.uint8, buffer=shm.buf, offset=i * n) for i in range(slots)]
+        self.half = max(1, slots // 2)
+        self.count = 0
+
+    def recv(self) -> np.ndarray:
+        c = self.count
+        if c and c % self.half == 0:  # the previous messages are done with: credit them
+            self.conn.send_bytes(c.to_bytes(8, "little"))
+        i = int.from_bytes(self.conn.recv_bytes(), "little")
+        self.count = c + 1
+        return self.views[i]
+
+    def close(self) -> None:
+        self.views = []
+        self.shm.close()
+
+
+class _RingWay(_Way):
+    label = "shm ring + Pipe"
+
+    @staticmethod
+    def shared(key: str) -> Any:
+        ctx = mp.get_context("spawn")
+        return {"ping": ctx.Pipe(), "pong": ctx.Pipe()}
+
+    def _conn(self, d: str, sending: bool) -> Any:
+        # data goes from ends[0] to ends[1] for ping (producer -> consumer) and back for pong
+        a, b = self.sh[d]
+        return a if (self.side == "producer") == (d == "ping") else b
+
+    def after_spawn(self) -> None:
+        self.sh["ping"][1].close()
+        self.sh["pong"][0].close()
+
+    def prepare(self, key: str, n: int, slots: int) -> Callable[[], None]:
+        from multiprocessing import shared_memory
+
+        made = []
+        try:
+            for d in ("ping", "pong"):
+                made.append(shared_memory.SharedMemory(name=f"chbench-{key}-{d}", create=True, size=n * slots))
+        except BaseException:
+            for s in made:
+                s.close()
+                s.unlink()
+            raise
+
+        def done() -> None:
+            for s in made:
+                s.close()
+                s.unlink()
+
+        return done
+
+    def tx(self, d: str, key: str, n: int, slots: int) -> _Tx:
+        from multiprocessing import shared_memory
+
+        ring = _RingTx(self._conn(d, True), shared_memory.SharedMemory(name=f"chbench-{key}-{d}"), n, slots)
+        return _Tx(ring.send, ring.close)
+
+    def rx(self, d: str, key: str, n: int, slots: int) -> _Rx:
+        from multiprocessing import shared_memory
+
+        ring = _RingRx(self._conn(d, False), shared_memory.SharedMemory(name=f"chbench-{key}-{d}"), n, slots)
+        return _Rx(ring.recv, ring.close)
+
+    def close(self) -> None:
+        for d in ("ping", "pong"):
+            for c in self.sh[d]:
+                c.close()
+
+
+class _ZmqWay(_Way):
+    """pyzmq, one PAIR socket each side over ``ipc://`` (a socket file in a fresh directory)."""
+
+    label = CHANNEL_OPTIONAL["pyzmq"][1]
+
+    @staticmethod
+    def shared(key: str) -> Any:
+        import tempfile
+
+        return tempfile.mkdtemp(prefix="chbench-zmq-")
+
+    def __init__(self, side: str, shared: Any) -> None:
+        super().__init__(side, shared)
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        addr = f"ipc://{shared}/sock"
+        self.sock.bind(addr) if side == "producer" else self.sock.connect(addr)
+
+    def tx(self, d: str, key: str, n: int, slots: int) -> _Tx:
+        return _Tx(self.sock.send)
+
+    def rx(self, d: str, key: str, n: int, slots: int) -> _Rx:
+        return _Rx(self.sock.recv)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+        if self.side == "producer":
+            import shutil
+
+            shutil.rmtree(self.sh, ignore_errors=True)
+
+
+class _FasterFifoWay(_Way):
+    """faster-fifo queues (a shared-memory ring with process-shared condition variables), one
+    per direction; the message as ``bytes``."""
+
+    label = CHANNEL_OPTIONAL["faster-fifo"][1]
+
+    @staticmethod
+    def shared(key: str) -> Any:
+        import faster_fifo
+
+        return {"ping": faster_fifo.Queue(max_size_bytes=4 * MiB), "pong": faster_fifo.Queue(max_size_bytes=4 * MiB)}
+
+    def tx(self, d: str, key: str, n: int, slots: int) -> _Tx:
+        put = self.sh[d].put
+        return _Tx(lambda m: put(m if type(m) is bytes else bytes(m), True, 60.0))
+
+    def rx(self, d: str, key: str, n: int, slots: int) -> _Rx:
+        get = self.sh[d].get
+        return _Rx(lambda: get(True, 60.0))
+
+    def close(self) -> None:
+        for q in self.sh.values():
+            q.close()
+
+
+class _IoxWay(_Way):
+    """iceoryx2's Python bindings: a publish-subscribe service of byte slices (loan, copy in,
+    send) and, since its subscribers only poll, an event service whose listener the receiver
+    sleeps on (its documented pattern for waking a subscriber); delivery "retry until
+    delivered", the subscriber's buffer as deep as the zcbuf ring."""
+
+    label = CHANNEL_OPTIONAL["iceoryx2"][1]
+
+    def __init__(self, side: str, shared: Any) -> None:
+        super().__init__(side, shared)
+        import iceoryx2 as iox2
+
+        self.iox = iox2
+        iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
+        self.node = (iox2.NodeBuilder.new().signal_handling_mode(iox2.SignalHandlingMode.Disabled)
+                     .create(iox2.ServiceType.Ipc))
+
+    def _services(self, d: str, key: str, slots: int) -> Tuple[Any, Any]:
+        import ctypes
+
+        iox2 = self.iox
+        ps = (self.node.service_builder(iox2.ServiceName.new(f"chbench/{key}/{d}"))
+              .publish_subscribe(iox2.Slice[ctypes.c_uint8]).enable_safe_overflow(False)
+              .subscriber_max_buffer_size(slots).open_or_create())
+        ev = self.node.service_builder(iox2.ServiceName.new(f"chbench/{key}/{d}/event")).event().open_or_create()
+        return ps, ev
+
+    def tx(self, d: str, key: str, n: int, slots: int) -> _Tx:
+        import ctypes
+
+        ps, ev = self._services(d, key, slots)
+        pub = (ps.publisher_builder().initial_max_slice_len(n)
+               .backpressure_strategy(self.iox.BackpressureStrategy.RetryUntilDelivered).create())
+        notifier = ev.notifier_builder().create()
+        loan, notify, memmove = pub.loan_slice_uninit, notifier.notify, ctypes.memmove
+        cache: List[Any] = [None, None]  # the last ndarray sent, and a ctypes array over it
+
+        def send(m: Any) -> None:
+            if not isinstance(m, ctypes.Array):
+                if m is not cache[0]:
+                    cache[0], cache[1] = m, (ctypes.c_uint8 * n).from_buffer(m)
+                m = cache[1]
+            s = loan(n)
+            memmove(s.payload_ptr, m, n)
+            s.assume_init().send()
+            notify()
+
+        def close() -> None:
+            cache[:] = [None, None]
+            notifier.delete()
+            pub.delete()
+
+        return _Tx(send, close, pub.update_connections)
+
+    def rx(self, d: str, key: str, n: int, slots: int) -> _Rx:
+        import ctypes
+
+        ps, ev = self._services(d, key, slots)
+        sub = ps.subscriber_builder().create()
+        listener = ev.listener_builder().create()
+        receive, wait, arr = sub.receive, listener.blocking_wait, ctypes.c_uint8 * n
+        held: List[Any] = [None]  # the last sample, alive while its payload is used
+
+        def recv() -> Any:
+            held[0] = None
+            while True:
+                s = receive()
+                if s is not None:
+                    held[0] = s
+                    return arr.from_address(s.payload_ptr)
+                wait()
+
+        def close() -> None:
+            held[0] = None
+            listener.delete()
+            sub.delete()
+
+        return _Rx(recv, close)
+
+    def close(self) -> None:
+        self.node = None
+
+
+_WAYS: Dict[str, "type[_Way]"] = {
+    CHANNEL_ZC: _ZcbufWay,
+    _PipeWay.label: _PipeWay,
+    _QueueWay.label: _QueueWay,
+    _RingWay.label: _RingWay,
+    _ZmqWay.label: _ZmqWay,
+    _FasterFifoWay.label: _FasterFifoWay,
+    _IoxWay.label: _IoxWay,
+}
+
+
+def channel_ways(peers: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """The ways to measure (zcbuf and the stdlib peers always; the optional ones asked for in
+    ``peers`` when importable), and one line for each optional peer left out."""
+    ways = [CHANNEL_ZC, _PipeWay.label, _QueueWay.label, _RingWay.label]
+    lines = []
+    for peer, (mod, label) in CHANNEL_OPTIONAL.items():
+        if peer not in peers:
+            continue
+        try:
+            __import__(mod)
+        except Exception as e:  # noqa: BLE001 - ImportError, or a broken install
+            lines.append(f"skipped peer {peer} in channel: not importable ({type(e).__name__}: {e}; pip install {peer})")
+            continue
+        ways.append(label)
+    return ways, lines
+
+
+def _channel_child(label: str, ctl: Any, shared: Any) -> None:
+    """The consumer process: answers the producer's tests over ``ctl`` until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the producer stops it (see _consumer)
+    try:
+        way = _WAYS[label]("consumer", shared)
+    except Exception as e:  # noqa: BLE001 - reported by the producer in one line
+        ctl.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    ctl.send("up")
+    try:
+        while True:
+            cmd = ctl.recv()
+            if cmd[0] == "stop":
+                return
+            try:
+                _child_test(way, ctl, cmd)
+            except Exception as e:  # noqa: BLE001
+                ctl.send(("error", f"{cmd[0]}: {type(e).__name__}: {e}"))
+    finally:
+        way.close()
+
+
+def _child_test(way: _Way, ctl: Any, cmd: Tuple[Any, ...]) -> None:
+    op, key, n, slots, count = cmd[:5]
+    pc = time.perf_counter_ns
+    if op == "echo":  # ping-pong: send every message back
+        rx = way.rx("ping", key, n, slots)
+        tx = way.tx("pong", key, n, slots)
+        try:
+            ctl.send("ready")
+            recv, send = rx.recv, tx.send
+            for _ in range(count):
+                m = recv()
+                send(m)
+                del m
+            ctl.send("done")
+        finally:
+            tx.close()
+            rx.close()
+    elif op == "stamp":  # one-way: the send time is in the message
+        rx = way.rx("ping", key, n, slots)
+        try:
+            ctl.send("ready")
+            recv, out, ok = rx.recv, [], True
+            for i in range(count):
+                m = recv()
+                t = pc()
+                c, ts = _hdr(m)
+                del m
+                out.append(t - ts)
+                ok = ok and c == i
+            ctl.send(("done", out, ok))
+        finally:
+            rx.close()
+    elif op == "sink":  # throughput: count until the end marker, checking the order
+        rx = way.rx("ping", key, n, slots)
+        try:
+            ctl.send("ready")
+            recv, i, ok, t_last = rx.recv, 0, True, 0
+            while True:
+                m = recv()
+                c = int.from_bytes(m[0:8], "little")
+                del m
+                if c == _END:
+                    break
+                t_last = pc()
+                if c != i:
+                    ok = False
+                i += 1
+            ctl.send(("done", i, ok, t_last))
+        finally:
+            rx.close()
+    elif op in ("frames", "async", "idle"):
+        _child_zcbuf_test(ctl, cmd)
+    else:
+        raise ValueError(op)
+
+
+def _child_zcbuf_test(ctl: Any, cmd: Tuple[Any, ...]) -> None:
+    import asyncio
+
+    import zcbuf
+
+    op, key, n, slots, count = cmd[:5]
+    pc = time.perf_counter_ns
+    sub = zcbuf.subscribe(f"chbench-{key}-ping")
+    try:
+        if op == "frames":  # 64 MiB frames: check the first and last byte of each
+            ctl.send("ready")
+            k, ok = 0, True
+            while True:
+                try:
+                    a = sub.recv()
+                except zcbuf.ChannelClosed:
+                    break
+                ok = ok and int(a[0]) == int(a[-1]) == k % 251
+                del a
+                k += 1
+            ctl.send(("done", k, ok))
+        elif op == "async":  # ping-pong, the consumer in asyncio
+            with zcbuf.publish((n,), np.uint8, slots=slots, name=f"chbench-{key}-pong") as pong:
+                ctl.send("ready")
+
+                async def run() -> Tuple[List[int], bool]:
+                    out, ok = [], True
+                    for i in range(count):
+                        a = await sub.recv_async()
+                        t = pc()
+                        c, ts = _hdr(a)
+                        out.append(t - ts)
+                        ok = ok and c == i
+                        pong.send(a)
+                        del a
+                    return out, ok
+
+                out, ok = asyncio.run(run())
+                ctl.send(("done", out, ok))
+        else:  # idle: CPU time while blocked in recv()
+            ctl.send("ready")
+            c0, w0 = time.process_time_ns(), pc()
+            a = sub.recv()
+            c1, w1 = time.process_time_ns(), pc()
+            del a
+            ctl.send(("done", c1 - c0, w1 - w0))
+    finally:
+        sub.close()
+
+
+class _Consumer:
+    """The spawned consumer of one way, driven over a control pipe."""
+
+    def __init__(self, label: str, shared: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self.ctl, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_channel_child, args=(label, child, shared), daemon=True,
+                                name=f"chbench-{label}")
+        self.proc.start()
+        child.close()
+        self.reply(60)
+
+    def ask(self, *cmd: Any, timeout: float = 60) -> Any:
+        self.ctl.send(cmd)
+        return self.reply(timeout)
+
+    def reply(self, timeout: float) -> Any:
+        if not self.ctl.poll(timeout):
+            raise RuntimeError(f"the consumer did not answer within {timeout:.0f} s")
+        try:
+            r = self.ctl.recv()
+        except EOFError:
+            raise RuntimeError(f"the consumer died (exit code {self.proc.exitcode})") from None
+        if isinstance(r, tuple) and r and r[0] == "error":
+            raise RuntimeError(f"in the consumer: {r[1]}")
+        return r
+
+    def stop(self) -> None:
+        try:
+            self.ctl.send(("stop",))
+        except OSError:
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        self.ctl.close()
+
+
+_KEYS = iter(range(1 << 62))
+
+
+def _key() -> str:
+    return f"{os.getpid()}-{next(_KEYS)}"
+
+
+def _message(n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A message of ``n`` bytes and a uint64 view of its header (counter, send time)."""
+    msg = np.full(n, 7, np.uint8)
+    return msg, msg[:16].view(np.uint64)
+
+
+def _pct(samples_ns: Sequence[float], q: int) -> float:
+    return float(np.percentile(np.asarray(samples_ns, dtype=np.float64), q)) / 1e9
+
+
+def _lat_row(method: str, n: int, samples_ns: Sequence[float], note: str = "") -> Row:
+    return Row("channel", method, n, _pct(samples_ns, 50), _pct(samples_ns, 25), _pct(samples_ns, 75),
+               len(samples_ns), note, extra={"p99_s": _pct(samples_ns, 99)})
+
+
+def _pingpong(way: _Way, cons: _Consumer, n: int, rounds: int) -> List[int]:
+    """Half of each round trip, ns: the consumer waits in recv when each message comes."""
+    key, slots = _key(), CHANNEL_SLOTS
+    cleanup = way.prepare(key, n, slots)
+    warm = max(100, rounds // 10)
+    try:
+        tx = way.tx("ping", key, n, slots)
+        try:
+            cons.ctl.send(("echo", key, n, slots, warm + rounds))
+            cons.reply(60)
+            rx = way.rx("pong", key, n, slots)
+            try:
+                tx.connected()
+                msg, hdr = _message(n)
+                send, recv, pc = tx.send, rx.recv, time.perf_counter_ns
+                out = []
+                for i in range(warm + rounds):
+                    hdr[0] = i
+                    t = pc()
+                    send(msg)
+                    m = recv()
+                    dt = pc() - t
+                    c = int.from_bytes(m[0:8], "little")
+                    del m
+                    if c != i:
+                        raise RuntimeError(f"echo {c} came back for message {i} ({n} B)")
+                    out.append(dt // 2)
+                cons.reply(60)
+                return out[warm:]
+            finally:
+                rx.close()
+        finally:
+            tx.close()
+    finally:
+        cleanup()
+
+
+def _stamped(way: _Way, cons: _Consumer, n: int, count: int) -> List[int]:
+    """One-way ns, the sender waiting CHANNEL_GAP before each message (the consumer sleeps)."""
+    key, slots = _key(), CHANNEL_SLOTS
+    cleanup = way.prepare(key, n, slots)
+    warm = 20
+    try:
+        tx = way.tx("ping", key, n, slots)
+        try:
+            cons.ctl.send(("stamp", key, n, slots, warm + count))
+            cons.reply(60)
+            tx.connected()
+            msg, hdr = _message(n)
+            send, pc, sleep = tx.send, time.perf_counter_ns, time.sleep
+            for i in range(warm + count):
+                sleep(CHANNEL_GAP)
+                hdr[0] = i
+                hdr[1] = pc()
+                send(msg)
+            _, out, ok = cons.reply(60)
+            if not ok:
+                raise RuntimeError(f"messages arrived out of order or were lost ({n} B)")
+            return out[warm:]
+        finally:
+            tx.close()
+    finally:
+        cleanup()
+
+
+def _throughput(way: _Way, cons: _Consumer, n: int, seconds: float) -> Tuple[float, int, float, bool]:
+    """(messages/s, messages, seconds, in order): the producer sends as fast as it can for
+    ``seconds``; the time runs until the consumer has the last one."""
+    key, slots = _key(), CHANNEL_THR_SLOTS
+    cleanup = way.prepare(key, n, slots)
+    try:
+        tx = way.tx("ping", key, n, slots)
+        try:
+            cons.ctl.send(("sink", key, n, slots, 0))
+            cons.reply(60)
+            tx.connected()
+            msg, hdr = _message(n)
+            send, pc = tx.send, time.perf_counter
+            i = 0
+            t0 = time.perf_counter_ns()
+            end = pc() + seconds
+            while pc() < end:
+                for _ in range(256):
+                    hdr[0] = i
+                    send(msg)
+                    i += 1
+            hdr[0] = _END
+            send(msg)
+            _, got, ok, t_last = cons.reply(max(120, 30 * seconds))
+            secs = (t_last - t0) / 1e9
+            return got / secs, got, secs, ok and got == i
+        finally:
+            tx.close()
+    finally:
+        cleanup()
+
+
+def suite_channel(sizes: Sequence[int], cp: ChannelPlan, prog: Progress, ways: Sequence[str],
+                  rows: List[Row]) -> List[Row]:
+    """Channels against the peers: latency waiting and after sleeping, throughput, and (zcbuf
+    only) 64 MiB frames, asyncio and an idle subscriber; appended to ``rows`` as they come (an
+    interrupted run keeps them). ``sizes`` holds CHANNEL_FRAME when the frames fit. A peer that
+    fails is reported in one line and left out."""
+    prog.step("channels: how busy the machine is")
+    rows.append(_busy_row("before"))
+    for label in ways:
+        prog.step(f"channels: {label}")
+        got = _channel_way(label, cp, prog)
+        if got is None:
+            continue
+        rows += got
+        if label == CHANNEL_ZC:
+            # The zcbuf-only figures come right after, while the peers wait their turn.
+            if CHANNEL_FRAME in sizes:
+                prog.step(f"channels: {fmt_size(CHANNEL_FRAME)} frames")
+                with room_guard(prog, "channel", CHANNEL_FRAME):
+                    rows += _frames(cp)
+            prog.step("channels: asyncio and idle")
+            rows += _async_idle(cp, prog)
+    rows.append(_busy_row("after"))
+    return rows
+
+
+def _cpu_times() -> Tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
+
+
+def _busy_row(when: str, seconds: float = 1.0) -> Row:
+    """How busy the CPUs are while this benchmark rests: other work competes with the
+    figures (a process spinning in recv needs a CPU of its own)."""
+    try:
+        b0, t0 = _cpu_times()
+        time.sleep(seconds)
+        b1, t1 = _cpu_times()
+        pct = 100 * (b1 - b0) / max(t1 - t0, 1)
+    except (OSError, ValueError, IndexError):
+        pct = float("nan")
+    return Row("channel", f"machine busy {when}", 0, 0.0, 0.0, 0.0, 1,
+               extra={"busy_pct": pct, "cpus": float(os.cpu_count() or 1), "load1": os.getloadavg()[0]})
+
+
+def _channel_way(label: str, cp: ChannelPlan, prog: Progress) -> Optional[List[Row]]:
+    cls = _WAYS[label]
+    rows: List[Row] = []
+    shared = way = cons = None
+    try:
+        shared = cls.shared(label)
+        way = cls("producer", shared)
+        cons = _Consumer(label, shared)
+        way.after_spawn()
+        for n in CHANNEL_SIZES:
+            prog.detail(f"{fmt_size(n)} waiting")
+            rows.append(_lat_row(f"{label}: waiting", n, _pingpong(way, cons, n, cp.rounds)))
+            prog.detail(f"{fmt_size(n)} after sleeping")
+            rows.append(_lat_row(f"{label}: asleep", n, _stamped(way, cons, n, cp.stamps)))
+        n = CHANNEL_SIZES[0]
+        prog.detail(f"{fmt_size(n)} throughput")
+        rate, got, secs, ok = _throughput(way, cons, n, cp.thr_s)
+        if not ok:
+            raise RuntimeError(f"throughput: messages arrived out of order or were lost ({got} counted)")
+        rows.append(Row("channel", f"{label}: throughput", n, 1 / rate, 1 / rate, 1 / rate, 1,
+                        extra={"msgs_per_s": rate, "messages": got, "seconds": secs}))
+        return rows
+    except Exception as e:  # noqa: BLE001 - one line, then the next way
+        if label == CHANNEL_ZC:
+            prog.note(f"FAILED zcbuf channel in channel: {type(e).__name__}: {e}")
+        else:
+            prog.note(f"skipped peer {label} in channel: it failed ({type(e).__name__}: {e})")
+        return rows or None
+    finally:
+        if cons is not None:
+            cons.stop()
+        if way is not None:
+            way.close()
+        elif shared is not None and isinstance(shared, str):
+            import shutil
+
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+def _frames(cp: ChannelPlan) -> List[Row]:
+    """64 MiB frames: written in place through loan(), and sent with send(array), against one
+    core writing (a[...] = v) and copying (np.copyto) 64 MiB of private memory here."""
+    import zcbuf
+
+    n, slots, key = CHANNEL_FRAME, CHANNEL_FRAME_SLOTS, _key()
+    rows: List[Row] = []
+    cons = _Consumer(CHANNEL_ZC, None)
+    try:
+        with zcbuf.publish((n,), np.uint8, slots=slots, name=f"chbench-{key}-ping") as pub:
+            cons.ctl.send(("frames", key, n, slots, 0))
+            cons.reply(60)
+            dst = np.ones(n, np.uint8)
+            src = np.full(n, 3, np.uint8)
+            k = 0
+            pc = time.perf_counter
+            write_t, loan_t, copy_t, send_t = [], [], [], []
+            for r in range(2 * slots + cp.frames):  # the first rounds fault every slot in
+                v = k % 251
+                t = pc()
+                dst[...] = v
+                t1 = pc()
+                with pub.loan() as a:
+                    a[...] = v
+                t2 = pc()
+                del a
+                k += 1
+                if r >= 2 * slots:
+                    write_t.append(t1 - t)
+                    loan_t.append(t2 - t1)
+            for _ in range(cp.frames):
+                v = k % 251
+                src[0] = src[-1] = v
+                t = pc()
+                np.copyto(dst, src)
+                t1 = pc()
+                pub.send(src)
+                t2 = pc()
+                k += 1
+                copy_t.append(t1 - t)
+                send_t.append(t2 - t1)
+        _, got, ok = cons.reply(60)
+        if not ok or got != k:
+            raise RuntimeError(f"64 MiB frames: the consumer got {got} of {k}, in order and intact: {ok}")
+        del dst, src
+    finally:
+        cons.stop()
+    for method, ts in (("frame: loan() + a[...] = v", loan_t), ("frame: one core, a[...] = v (NumPy)", write_t),
+                       ("frame: send(array)", send_t), ("frame: one memcpy, np.copyto", copy_t)):
+        q = statistics.quantiles(ts, n=4)
+        rows.append(Row("channel", method, n, statistics.median(ts), q[0], q[2], len(ts),
+                        extra={"GBps": n / statistics.median(ts) / 1e9}))
+    return rows
+
+
+def _async_idle(cp: ChannelPlan, prog: Progress) -> List[Row]:
+    import zcbuf
+
+    rows: List[Row] = []
+    n = CHANNEL_SIZES[0]
+    cons = _Consumer(CHANNEL_ZC, None)
+    try:
+        for mode, gap in (("waiting", 0.0), ("asleep", CHANNEL_GAP)):
+            prog.detail(f"asyncio, {mode}")
+            key = _key()
+            count = cp.async_rounds if not gap else min(cp.async_rounds, cp.stamps)
+            with zcbuf.publish((n,), np.uint8, slots=CHANNEL_SLOTS, name=f"chbench-{key}-ping") as ping:
+                cons.ctl.send(("async", key, n, CHANNEL_SLOTS, count))
+                cons.reply(60)
+                with zcbuf.subscribe(f"chbench-{key}-pong") as pong:
+                    msg, hdr = _message(n)
+                    pc = time.perf_counter_ns
+                    for i in range(count):
+                        if gap:
+                            time.sleep(gap)
+                        hdr[0] = i
+                        hdr[1] = pc()
+                        ping.send(msg)
+                        m = pong.recv(60)
+                        del m
+                    _, out, ok = cons.reply(60)
+            if not ok:
+                raise RuntimeError("asyncio: messages arrived out of order or were lost")
+            skip = min(len(out) // 10, 100)
+            rows.append(_lat_row(f"asyncio recv_async(): {mode}", n, out[skip:]))
+        prog.detail(f"idle subscriber, {cp.idle_s:.0f} s")
+        key = _key()
+        with zcbuf.publish((n,), np.uint8, slots=CHANNEL_SLOTS, name=f"chbench-{key}-ping") as pub:
+            cons.ctl.send(("idle", key, n, CHANNEL_SLOTS, 0))
+            cons.reply(60)
+            time.sleep(cp.idle_s)
+            pub.send(_message(n)[0])
+            _, cpu_ns, wall_ns = cons.reply(60)
+        rows.append(Row("channel", "idle subscriber in recv()", 0, cpu_ns / 1e9, cpu_ns / 1e9, cpu_ns / 1e9, 1,
+                        extra={"cpu_pct": 100 * cpu_ns / wall_ns, "seconds": wall_ns / 1e9}))
+    finally:
+        cons.stop()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 
 
@@ -740,6 +1654,7 @@ def table(rows: List[Row], footer: bool = True) -> str:
                 f"| {fmt_size(r.size)} | {r.method} | {fmt_time(e['create_s'])} | {fmt_time(e['first_write_s'])} | "
                 f"{fmt_time(e['rewrite_s'])} | {fmt_time((e['create_s'] + e['first_write_s']) * GiB / r.size)} |"
             )
+    out += channel_table(rows)
     if footer:
         out.append("\n(± is half the interquartile range, as a percentage of the median)")
         out.append("\n" + "\n".join(targets(rows)))
@@ -797,6 +1712,165 @@ def targets(rows: List[Row]) -> List[str]:
                 f"{ph.median_s / zh.median_s:.0f}x (target >= 1000x at 1 GiB: "
                 f"{_verdict(ph.median_s / zh.median_s >= 1000) if big >= GiB else 'not measured at 1 GiB in this run'})"
             )
+    lines += channel_targets(rows)
+    return lines
+
+
+def _ch(rows: List[Row], method: str, n: int) -> Optional[Row]:
+    return _by(rows, "channel", method, n)
+
+
+def _ch_labels(rows: List[Row]) -> List[str]:
+    """The ways measured, zcbuf first, in the order they ran."""
+    out: List[str] = []
+    for r in rows:
+        if r.suite == "channel" and r.method.endswith(": waiting") and not r.method.startswith("asyncio"):
+            label = r.method[: -len(": waiting")]
+            if label not in out:
+                out.append(label)
+    return sorted(out, key=lambda m: m != CHANNEL_ZC)
+
+
+def channel_table(rows: List[Row]) -> List[str]:
+    """Section 4 in Markdown: latency and throughput against the peers, then the zcbuf-only
+    figures (64 MiB frames, asyncio, idle)."""
+    if not any(r.suite == "channel" for r in rows):
+        return []
+    out = ["\n## 4. Channels: one Python process -> another (one-way latency p50 / p99; messages/s)\n"]
+    labels = _ch_labels(rows)
+    if labels:
+        gap = f"{CHANNEL_GAP * 1e3:g} ms"
+        cols = [(f"{fmt_size(n)}, waiting", "waiting", n) for n in CHANNEL_SIZES]
+        cols += [(f"{fmt_size(n)}, after {gap} asleep", "asleep", n) for n in CHANNEL_SIZES]
+        out.append("| method | " + " | ".join(c[0] for c in cols) + f" | {fmt_size(CHANNEL_SIZES[0])}, throughput (block) |")
+        out.append("|" + "---|" * (len(cols) + 2))
+        for label in labels:
+            cells = [label]
+            for _, mode, n in cols:
+                r, z = _ch(rows, f"{label}: {mode}", n), _ch(rows, f"{CHANNEL_ZC}: {mode}", n)
+                if r is None:
+                    cells.append("-")
+                    continue
+                cell = f"{fmt_time(r.median_s)} / {fmt_time(r.extra['p99_s'])}"
+                if z is not None and label != CHANNEL_ZC:
+                    cell += f" ({r.median_s / z.median_s:.2g}x / {r.extra['p99_s'] / z.extra['p99_s']:.2g}x)"
+                cells.append(cell)
+            r, z = _ch(rows, f"{label}: throughput", CHANNEL_SIZES[0]), _ch(rows, f"{CHANNEL_ZC}: throughput", CHANNEL_SIZES[0])
+            if r is None:
+                cells.append("-")
+            else:
+                cell = f"{r.extra['msgs_per_s']:,.0f}/s"
+                if z is not None and label != CHANNEL_ZC:
+                    cell += f" ({z.extra['msgs_per_s'] / r.extra['msgs_per_s']:.2g}x)"
+                cells.append(cell)
+            out.append("| " + " | ".join(cells) + " |")
+        out.append(
+            f"\n(ratios are peer / zcbuf for times and zcbuf / peer for messages/s: above 1x, zcbuf is "
+            f"ahead; waiting: half a ping-pong round trip, the receiver in recv when each message "
+            f"comes; asleep: the send time carried in the message, the sender waiting {gap} before "
+            f"each; throughput: {CHANNEL_THR_SLOTS} slots or a peer's own queue, every message "
+            f"checked to arrive in order)"
+        )
+    frames = [r for r in rows if r.suite == "channel" and r.method.startswith("frame: ")]
+    if frames:
+        n = frames[0].size
+        out.append(f"\n| {fmt_size(n)} frame | median | rate | ratio |")
+        out.append("|---|---|---|---|")
+        base = {"frame: loan() + a[...] = v": ("frame: one core, a[...] = v (NumPy)", "the rate of one core's write"),
+                "frame: send(array)": ("frame: one memcpy, np.copyto", "the rate of one memcpy")}
+        for r in frames:
+            ratio = ""
+            if r.method in base:
+                b = _ch(rows, base[r.method][0], n)
+                if b is not None:
+                    ratio = f"{b.median_s / r.median_s:.2f}x {base[r.method][1]}"
+            out.append(f"| {r.method[7:]} | {fmt_time(r.median_s)}{spread(r)} | {r.extra['GBps']:.2f} GB/s | {ratio} |")
+    for mode in ("waiting", "asleep"):
+        r = _ch(rows, f"asyncio recv_async(): {mode}", CHANNEL_SIZES[0])
+        if r is not None:
+            what = "the receiver waiting" if mode == "waiting" else f"the sender waiting {CHANNEL_GAP * 1e3:g} ms before each"
+            out.append(f"\nasyncio `await sub.recv_async()`, {fmt_size(r.size)}, one-way ({what}): "
+                       f"p50 {fmt_time(r.median_s)}, p99 {fmt_time(r.extra['p99_s'])}")
+    busy = [r for r in rows if r.suite == "channel" and r.method.startswith("machine busy ")]
+    if busy:
+        cpus = int(busy[0].extra["cpus"])
+        said = ", ".join(f"{r.method[len('machine busy '):]} {r.extra['busy_pct']:.0f} %" for r in busy)
+        warn = any(r.extra["busy_pct"] > 100 / cpus / 2 for r in busy)
+        out.append(f"\nother work on this machine while the benchmark rested 1 s ({cpus} CPUs; 100 % = all busy): "
+                   f"{said}" + (" -- CPUs were shared with other work: latencies above include waiting for a "
+                                "CPU, rerun on a quiet machine" if warn else ""))
+    r = _ch(rows, "idle subscriber in recv()", 0)
+    if r is not None:
+        out.append(f"\nidle subscriber blocked in recv(): {fmt_time(r.median_s)} of CPU in "
+                   f"{r.extra['seconds']:.1f} s = {r.extra['cpu_pct']:.3f} % of one core")
+    return out
+
+
+def channel_targets(rows: List[Row]) -> List[str]:
+    """The channel targets, checked against this run (reported, never enforced)."""
+    lines: List[str] = []
+    labels = _ch_labels(rows)
+    zc = {(mode, n): _ch(rows, f"{CHANNEL_ZC}: {mode}", n) for mode in ("waiting", "asleep") for n in CHANNEL_SIZES}
+    if CHANNEL_ZC in labels:
+        for mode, limit in (("waiting", 5e-6), ("asleep", 40e-6)):
+            got = [(n, zc[mode, n]) for n in CHANNEL_SIZES if zc[mode, n] is not None]
+            if got:
+                what = "receiver waiting" if mode == "waiting" else f"after {CHANNEL_GAP * 1e3:g} ms asleep"
+                per = ", ".join(f"{fmt_size(n)} {fmt_time(r.median_s)}" for n, r in got)  # type: ignore[union-attr]
+                ok = all(r.median_s <= limit for _, r in got)  # type: ignore[union-attr]
+                lines.append(f"- channel one-way p50, {what}: {per} (target <= {limit * 1e6:g} µs: {_verdict(ok)})")
+        p99 = [(k, r.extra["p99_s"]) for k, r in zc.items() if r is not None]
+        if p99:
+            (mode, n), worst = max(p99, key=lambda kv: kv[1])
+            lines.append(f"- channel one-way p99, worst of waiting/asleep at {', '.join(fmt_size(s) for s in CHANNEL_SIZES)}: "
+                         f"{fmt_time(worst)} ({fmt_size(n)} {mode}; target <= 100 µs: {_verdict(worst <= 100e-6)})")
+        peers = [p for p in labels if p != CHANNEL_ZC]
+        if peers:
+            behind, behind99, total = [], [], 0
+            for (mode, n), z in zc.items():
+                if z is None:
+                    continue
+                for p in peers:
+                    r = _ch(rows, f"{p}: {mode}", n)
+                    if r is None:
+                        continue
+                    total += 1
+                    if r.median_s <= z.median_s:
+                        behind.append(f"{p} at {fmt_size(n)} {mode} ({fmt_time(r.median_s)} vs {fmt_time(z.median_s)})")
+                    if r.extra["p99_s"] <= z.extra["p99_s"]:
+                        behind99.append(f"{p} at {fmt_size(n)} {mode}")
+            lines.append(
+                f"- channel p50 ahead of every peer at every size ({len(peers)} peers): ahead in "
+                f"{total - len(behind)} of {total}" + (f", behind {'; '.join(behind)}" if behind else "")
+                + f" ({_verdict(not behind)}); at p99 ahead in {total - len(behind99)} of {total}"
+                + (f" (not: {', '.join(behind99)})" if behind99 else "")
+            )
+        z = _ch(rows, f"{CHANNEL_ZC}: throughput", CHANNEL_SIZES[0])
+        if z is not None:
+            best = max((r for r in rows if r.suite == "channel" and r.method.endswith(": throughput") and r is not z),
+                       key=lambda r: r.extra["msgs_per_s"], default=None)
+            vs = f"; best peer {best.method[: -len(': throughput')]} {best.extra['msgs_per_s']:,.0f}/s" if best else ""
+            lines.append(f"- channel throughput at {fmt_size(CHANNEL_SIZES[0])}, block: {z.extra['msgs_per_s']:,.0f} messages/s, "
+                         f"all {z.extra['messages']:,.0f} in order{vs} (target >= 1,000,000/s: "
+                         f"{_verdict(z.extra['msgs_per_s'] >= 1e6)})")
+    frame_targets = (("frame: loan() + a[...] = v", "frame: one core, a[...] = v (NumPy)", 0.9, "one core's write"),
+                     ("frame: send(array)", "frame: one memcpy, np.copyto", 0.8, "one memcpy"))
+    for method, base, limit, what in frame_targets:
+        r = next((x for x in rows if x.suite == "channel" and x.method == method), None)
+        b = next((x for x in rows if x.suite == "channel" and x.method == base), None)
+        if r is not None and b is not None:
+            ratio = b.median_s / r.median_s
+            lines.append(f"- {fmt_size(r.size)} frame, {method[7:]}: {r.extra['GBps']:.2f} GB/s = {ratio:.2f}x {what} "
+                         f"({b.extra['GBps']:.2f} GB/s; target >= {limit}x: {_verdict(ratio >= limit)})")
+    a = [r for r in (_ch(rows, f"asyncio recv_async(): {m}", CHANNEL_SIZES[0]) for m in ("waiting", "asleep")) if r is not None]
+    if a:
+        per = ", ".join(f"{r.method.split(': ')[1]} {fmt_time(r.median_s)}" for r in a)
+        lines.append(f"- asyncio recv_async() one-way p50: {per} "
+                     f"(target <= 50 µs: {_verdict(all(r.median_s <= 50e-6 for r in a))})")
+    r = _ch(rows, "idle subscriber in recv()", 0)
+    if r is not None:
+        lines.append(f"- idle subscriber in recv(): {r.extra['cpu_pct']:.3f} % of one core over {r.extra['seconds']:.0f} s "
+                     f"(target < 1 %: {_verdict(r.extra['cpu_pct'] < 1)})")
     return lines
 
 
@@ -911,6 +1985,8 @@ def needs(suite: str, n: int, shm_methods: int = 2) -> Tuple[int, int]:
     - touch (shared variants): one segment; private variants need memory only (see
       ``needs("touch-private", n)``).
     - ray: the producer's array and the object store's copies.
+    - channel (its 64 MiB frames): the channel's slots, and here one private array to write
+      and one to copy from.
     """
     seg = _pages(n) + PAGE  # data pages + zcbuf's header page
     if suite == "inproc":
@@ -924,6 +2000,9 @@ def needs(suite: str, n: int, shm_methods: int = 2) -> Tuple[int, int]:
         return 0, n + 2 * MiB  # a huge page of rounding
     if suite == "ray":
         return 0, 4 * n
+    if suite == "channel":
+        shm = CHANNEL_FRAME_SLOTS * _pages(n) + 2 * MiB  # + the control block, log and tables
+        return shm, shm + 2 * n
     raise ValueError(suite)
 
 
@@ -957,12 +2036,15 @@ class Plan:
     sizes: Dict[str, List[int]] = field(default_factory=dict)
     touch_shared: List[int] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
+    channel_ways: List[str] = field(default_factory=list)
 
     def steps(self, handoffs: Callable[[int], int]) -> int:
         total = len(self.sizes.get("inproc", []))
         total += sum(1 + handoffs(n) for n in self.sizes.get("interproc", []))
         total += len(self.sizes.get("ray", []))
         total += sum(len(touch_variants(n in self.touch_shared)) for n in self.sizes.get("touch", []))
+        if "channel" in self.sizes:  # the machine's load, one per way, the frames, asyncio and idle
+            total += 1 + len(self.channel_ways) + (CHANNEL_FRAME in self.sizes["channel"]) + 1
         return total
 
 
@@ -970,6 +2052,15 @@ def make_plan(suites: Sequence[str], sizes: Sequence[int], room: Room, shm_metho
     plan = Plan()
     for suite in suites:
         keep: List[int] = []
+        if suite == "channel":  # fixed message sizes, whatever --sizes says; frames if they fit
+            keep = list(CHANNEL_SIZES)
+            why = room.lack(*needs(suite, CHANNEL_FRAME))
+            if why is None:
+                keep.append(CHANNEL_FRAME)
+            else:
+                plan.skipped.append(f"skipped {fmt_size(CHANNEL_FRAME)} in channel (its frames; the rest runs): {why}")
+            plan.sizes[suite] = keep
+            continue
         for n in sizes:
             if suite == "touch" and n < TOUCH_MIN:
                 continue  # first touch is measured from 1 MiB (not a skip: by design)
@@ -1045,16 +2136,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "not fit in /dev/shm or memory are skipped, one line each")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per figure (default: %(default)s)")
     p.add_argument("--suites", default=",".join(SUITES), help=f"which suites: {','.join(SUITES)}")
-    p.add_argument("--peers", default="SharedArray,ray",
+    p.add_argument("--peers", default="SharedArray,ray,pyzmq,faster-fifo,iceoryx2",
                    help="optional peers to include when installed (default: %(default)s)")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.csv, bench.png")
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (a smoke run)")
+    p.add_argument("--smoke", action="store_true",
+                   help="like --quick, with the fewest channel messages that still measure (for tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     a = p.parse_args(argv)
     sizes: List[int] = a.sizes
     reps = a.reps
-    if a.quick:
+    cp = ChannelPlan()
+    if a.quick or a.smoke:
         sizes, reps = [4 * KiB, 1 * MiB, 16 * MiB], 5
+        cp = ChannelPlan.quick()
+    if a.smoke:
+        cp = ChannelPlan(rounds=300, stamps=50, thr_s=1.0, frames=3, async_rounds=100, idle_s=1.0)
     if reps < 3:
         p.error("--reps must be at least 3")
     suites = [s.strip() for s in a.suites.split(",") if s.strip()]
@@ -1065,9 +2162,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     avail = _peers_available()
     inter_methods = ["zcbuf", "shared_memory", "pickle"] + (["SharedArray"] if avail["SharedArray"] and "SharedArray" in peers else [])
     use_ray = "interproc" in suites and "ray" in peers and avail["ray"]
-    order = [s for s in ("inproc", "interproc", "ray", "touch") if s in suites or (s == "ray" and use_ray)]
+    order = [s for s in ("inproc", "interproc", "ray", "touch", "channel") if s in suites or (s == "ray" and use_ray)]
     room = Room.now()
     plan = make_plan(order, sizes, room, shm_methods=len(inter_methods) - 1)
+    if "channel" in order:
+        plan.channel_ways, lines = channel_ways(peers)
+        plan.skipped += lines
     for line in plan.skipped:
         print(line, file=sys.stderr)
     if not plan.sizes:
@@ -1106,6 +2206,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 got = suite_interproc(sz, reps, prog, peers)
             elif suite == "ray":
                 got = suite_ray(sz, reps, prog)
+            elif suite == "channel":
+                got = []
+                try:
+                    suite_channel(sz, cp, prog, plan.channel_ways, got)
+                except KeyboardInterrupt:  # keep (and show) the figures it has
+                    rows += got
+                    if got:
+                        with prog.quiet():
+                            print(table(got, footer=False), flush=True)
+                    raise
             else:
                 got = suite_touch(sz, reps, prog, plan.touch_shared)
             rows += got

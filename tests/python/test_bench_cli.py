@@ -144,3 +144,32 @@ def test_nothing_fits_says_so_and_fails(tmp_path: Path) -> None:
     assert skip_lines(p.stderr) == {("16 MiB", "interproc"): 1, ("64 MiB", "interproc"): 1}, p.stderr
     assert "nothing left to measure" in p.stderr and "8.0 MiB free" in p.stderr
     assert not (tmp_path / "bench-results").exists()
+
+
+def test_channel_suite_smoke(tmp_path: Path) -> None:
+    """``--suites channel --smoke``: the channel table against the stdlib peers (and the optional
+    ones that are installed, or one line each saying why not), the zcbuf-only figures, and a
+    verdict for every channel target; nothing left in /dev/shm. No timing is asserted."""
+    before = set(os.listdir("/dev/shm"))
+    p = subprocess.run(bench_argv("--suites", "channel", "--smoke", "--out", "out"), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert "FAILED" not in p.stderr, p.stderr
+    assert "## 4. Channels: one Python process -> another" in p.stdout
+    for row in ("zcbuf channel", "mp.Pipe (send_bytes)", "mp.Queue", "shm ring + Pipe"):
+        assert re.search(rf"^\| {re.escape(row)} \| \d", p.stdout, re.MULTILINE), (row, p.stdout)
+    for peer, label in (("zmq", "pyzmq"), ("faster_fifo", "faster-fifo"), ("iceoryx2", "iceoryx2")):
+        shown = re.search(rf"^\| {label}[ (]", p.stdout, re.MULTILINE) is not None
+        said = f"skipped peer {label} in channel" in p.stderr
+        assert shown != said, (label, p.stdout, p.stderr)  # measured, or one line saying why not
+    assert "64 MiB frame" in p.stdout or "skipped 64 MiB in channel" in p.stderr
+    assert "idle subscriber blocked in recv()" in p.stdout
+    targets = p.stdout[p.stdout.index("## Targets (this run)"):]
+    for what in ("receiver waiting", "asleep", "p99", "ahead of every peer", "throughput", "asyncio", "idle"):
+        assert any(what in ln and re.search(r"\b(met|MISSED)\)", ln) for ln in targets.splitlines()), (what, targets)
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    thr = [r for r in rows if r["method"] == "zcbuf channel: throughput"]
+    assert thr and thr[0]["extra"]["messages"] > 0
+    left = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("chbench-")}
+    assert not left, left
