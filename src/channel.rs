@@ -113,6 +113,9 @@ const ST_DRAINING: u32 = 2;
 /// Being cleared by someone who proved its owner dead.
 const ST_RECLAIMING: u32 = 3;
 
+/// How long an entry may stay `RECLAIMING` before its lock holder takes it over.
+const RECLAIM_GRACE: Duration = Duration::from_millis(100);
+
 /// `seq1` value of a slot a publisher has claimed for writing.
 const WRITING: u64 = u64::MAX;
 
@@ -730,7 +733,7 @@ impl Publisher {
         let min = match ch.lay.policy {
             Policy::Block => {
                 let m = match self.min_cache {
-                    Some(m) if !fresh && !reclaim && head < m + n as u64 => Some(m),
+                    Some(m) if !fresh && !reclaim && head < m.saturating_add(n as u64) => Some(m),
                     _ => {
                         let m = self.min_position(reclaim)?;
                         self.min_cache = m;
@@ -740,7 +743,7 @@ impl Publisher {
                 if let Some(m) = m {
                     // Publishing `head` overwrites log entry `head - n`: every active
                     // subscriber must be past it.
-                    if head >= m + n as u64 {
+                    if head >= m.saturating_add(n as u64) {
                         return Ok(None);
                     }
                 }
@@ -803,6 +806,12 @@ impl Publisher {
         self.loaned[slot] = false;
         let ch = &self.ch;
         let s = ch.head().load(Ordering::Relaxed);
+        if s == u64::MAX {
+            return Err(Error::Corrupt(format!(
+                "channel {:?}: its head word is at its maximum (damaged)",
+                ch.name
+            )));
+        }
         let i = (s % ch.lay.slots as u64) as usize;
         ch.slot_seq(slot).store(s + 1, Ordering::Release);
         ch.log_slot(i).store(slot as u32, Ordering::Relaxed);
@@ -1011,11 +1020,14 @@ impl Drop for SubInner {
         if self.ch.check_pid().is_err() {
             return;
         }
+        let waited = Instant::now();
         let st = &self.ch.sub_state(self.idx);
         loop {
             let s = st.load(Ordering::SeqCst);
-            if s & 0xf == ST_RECLAIMING {
-                std::hint::spin_loop(); // someone wrongly thought us dead: they restore it
+            if s & 0xf == ST_RECLAIMING && waited.elapsed() < RECLAIM_GRACE {
+                // A reclaimer clears an entry in microseconds; one that died doing it (or
+                // damage) leaves it so for good: after the grace time the entry is ours to free.
+                std::thread::yield_now();
                 continue;
             }
             let generation = (s >> 4).wrapping_add(1);
@@ -1313,8 +1325,13 @@ impl Subscriber {
                 Some(t) => {
                     let e = start.elapsed();
                     if e >= t {
-                        if ch.head().load(Ordering::SeqCst) <= self.pos && !ch.publisher_alive()? {
-                            return Err(closed_error(&ch.name, true));
+                        if ch.head().load(Ordering::SeqCst) <= self.pos {
+                            if ch.closed().load(Ordering::SeqCst) != 0 {
+                                return Err(closed_error(&ch.name, false));
+                            }
+                            if !ch.publisher_alive()? && ch.closed().load(Ordering::SeqCst) == 0 {
+                                return Err(closed_error(&ch.name, true));
+                            }
                         }
                         return Err(timeout_error("no message came", &ch.name, t));
                     }
@@ -1348,9 +1365,17 @@ impl Subscriber {
                 ch.sleep(C_BELL, seen, d);
             }
             waiters.fetch_sub(1, Ordering::SeqCst);
-            if !ready && ch.head().load(Ordering::SeqCst) <= self.pos && !ch.publisher_alive()? {
-                // Dead: everything it published before dying is readable; after that, this.
-                if ch.head().load(Ordering::SeqCst) <= self.pos {
+            if !ready
+                && ch.head().load(Ordering::SeqCst) <= self.pos
+                && ch.closed().load(Ordering::SeqCst) == 0
+                && !ch.publisher_alive()?
+            {
+                // Gone without closing: everything it published before dying is readable;
+                // after that, this. (A publisher that closed and then exited is an end of
+                // stream, not a death: the closed flag is read before its lock is.)
+                if ch.head().load(Ordering::SeqCst) <= self.pos
+                    && ch.closed().load(Ordering::SeqCst) == 0
+                {
                     return Err(closed_error(&ch.name, true));
                 }
             }
@@ -1361,6 +1386,8 @@ impl Subscriber {
     fn try_recv_once(&mut self) -> Result<Option<Message>> {
         let ch = Arc::clone(&self.inner.ch);
         let n = ch.lay.slots as u64;
+        let corrupt = |why: String| Err(Error::Corrupt(format!("channel {:?}: {why}", ch.name)));
+        let mut last_head = None;
         loop {
             // The head seen last time still has messages for us: no need to read the shared
             // word (a cache line the publisher writes at every message) again.
@@ -1374,6 +1401,29 @@ impl Subscriber {
             if head <= self.pos {
                 return Ok(None);
             }
+            if head == u64::MAX {
+                return corrupt("its head word is at its maximum (damaged)".into());
+            }
+            // Looking again without the head having moved means what we saw is not a race with
+            // the publisher but damage: never loop on it.
+            if last_head == Some(head) {
+                // The publisher may be between its log store and its head store (preempted,
+                // even): give it 20 ms to move the head before calling it damage.
+                let t = Instant::now();
+                while ch.head().load(Ordering::Acquire) == head {
+                    if t.elapsed() > Duration::from_millis(20) {
+                        return corrupt(format!(
+                            "message {} cannot be read consistently (log or slot words damaged)",
+                            self.pos
+                        ));
+                    }
+                    std::thread::yield_now();
+                }
+                last_head = None;
+                self.head_seen = 0;
+                continue;
+            }
+            last_head = Some(head);
             let behind = head - self.pos;
             if ch.lay.policy == Policy::Latest && behind > 1 {
                 self.skip(head - 1);
@@ -1386,13 +1436,14 @@ impl Subscriber {
             let i = (p % n) as usize;
             let s1 = ch.log_seq(i).load(Ordering::Acquire);
             if s1 != p + 1 {
-                if s1 > p + 1 {
+                if s1 > p + 1 && ch.lay.policy == Policy::Latest {
+                    self.head_seen = 0;
                     continue; // overwritten by newer messages meanwhile: look again
                 }
-                return Err(Error::Corrupt(format!(
-                    "channel {:?}: message {p} was published but its log entry says {s1}",
-                    ch.name
-                )));
+                return corrupt(format!(
+                    "message {p} was published but its log entry says {}",
+                    s1.wrapping_sub(1)
+                ));
             }
             let k = ch.log_slot(i).load(Ordering::Relaxed) as usize;
             let ts = ch.log_ts(i).load(Ordering::Relaxed);
@@ -1414,6 +1465,13 @@ impl Subscriber {
                 self.inner.pin(k);
                 if ch.slot_seq(k).load(Ordering::SeqCst) != p + 1 {
                     self.inner.unpin(k);
+                    // The publisher is rewriting that slot: message p is gone. Under latest
+                    // that is a skip; the newest message, once published, is read next.
+                    self.skip(p + 1);
+                    last_head = None;
+                    if ch.head().load(Ordering::Acquire) <= self.pos {
+                        return Ok(None);
+                    }
                     continue;
                 }
             }
@@ -1448,7 +1506,7 @@ impl Subscriber {
     fn skip(&mut self, to: u64) {
         self.inner.harden();
         let ch = &self.inner.ch;
-        self.missed += to - self.pos;
+        self.missed = self.missed.saturating_add(to.saturating_sub(self.pos));
         ch.sub_missed(self.inner.idx)
             .store(self.missed, Ordering::Relaxed);
         self.pos = to;
@@ -1585,7 +1643,8 @@ fn claim_entry(ch: &Chan) -> Result<usize> {
             continue; // a live subscriber has it
         }
         // The lock is ours: whoever had this entry is gone. Take it, clearing a dead owner's
-        // pins first.
+        // pins first (also after a reclaimer that died halfway: past the grace time).
+        let waited = Instant::now();
         loop {
             let s = ch.sub_state(i).load(Ordering::SeqCst);
             match s & 0xf {
@@ -1610,7 +1669,7 @@ fn claim_entry(ch: &Chan) -> Result<usize> {
                         return Ok(i);
                     }
                 }
-                ST_RECLAIMING => std::thread::yield_now(),
+                ST_RECLAIMING if waited.elapsed() < RECLAIM_GRACE => std::thread::yield_now(),
                 _ => reclaim_entry(ch, i, s),
             }
         }
