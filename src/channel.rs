@@ -121,6 +121,8 @@ const WRITING: u64 = u64::MAX;
 
 /// How long a waiter spins before sleeping on the doorbell.
 const SPIN: Duration = Duration::from_micros(50);
+/// The first part of [`SPIN`], spent without yielding the CPU.
+const SPIN_HOT: Duration = Duration::from_micros(5);
 /// Longest single sleep: liveness of the other side is checked at least this often.
 const SLICE: Duration = Duration::from_millis(25);
 
@@ -377,6 +379,28 @@ impl Chan {
     /// Whether the publisher (some process holding [`PUB_BYTE`]) is alive.
     fn publisher_alive(&self) -> Result<bool> {
         liveness::ofd_locked_by_other(self.role.as_fd(), PUB_BYTE)
+    }
+}
+
+/// Spins until `ready()` or `d` has passed: a few microseconds on the CPU, then yielding it
+/// between looks, so that a publisher the scheduler put on this same CPU gets to run (a pure
+/// spin would keep it off the CPU for all of `d`).
+fn spin_until(d: Duration, ready: impl Fn() -> bool) {
+    let start = Instant::now();
+    let mut i = 0u32;
+    while !ready() {
+        i = i.wrapping_add(1);
+        if i % 64 == 0 {
+            let e = start.elapsed();
+            if e >= d {
+                return;
+            }
+            if e >= SPIN_HOT {
+                std::thread::yield_now();
+                continue;
+            }
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -1342,15 +1366,7 @@ impl Subscriber {
             if !spun {
                 spun = true;
                 let until = SPIN.min(left.unwrap_or(SPIN));
-                let s = Instant::now();
-                let mut i = 0u32;
-                while ch.head().load(Ordering::Acquire) <= self.pos {
-                    std::hint::spin_loop();
-                    i = i.wrapping_add(1);
-                    if i % 64 == 0 && s.elapsed() >= until {
-                        break;
-                    }
-                }
+                spin_until(until, || ch.head().load(Ordering::Acquire) > self.pos);
                 continue;
             }
             // Sleep: announce, read the bell, look again, then sleep while the bell is unchanged
@@ -1596,15 +1612,7 @@ impl Waiter {
         let ready = || {
             ch.head().load(Ordering::SeqCst) > self.pos || ch.closed().load(Ordering::SeqCst) != 0
         };
-        let spin_until = SPIN.min(timeout.unwrap_or(SPIN));
-        let mut i = 0u32;
-        while !ready() {
-            std::hint::spin_loop();
-            i = i.wrapping_add(1);
-            if i % 64 == 0 && start.elapsed() >= spin_until {
-                break;
-            }
-        }
+        spin_until(SPIN.min(timeout.unwrap_or(SPIN)), &ready);
         loop {
             if ready() {
                 return Ok(true);
