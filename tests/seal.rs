@@ -425,7 +425,11 @@ fn c_abi_seal_and_waiting_open() {
         .find(|l| l.starts_with(&format!("{n2}\t")))
         .unwrap();
     let fields: Vec<&str> = line.split('\t').collect();
-    assert_eq!((fields.len(), fields[10]), (11, "1"), "{line:?}");
+    assert_eq!(
+        (fields.len(), fields[10], fields[11]),
+        (12, "1", ""),
+        "{line:?}"
+    ); // sealed; not a channel
     Registry::global().free(id).unwrap();
 }
 
