@@ -357,23 +357,40 @@ impl Chan {
     fn ring(&self, bell: usize) {
         let w = self.u32_at(bell);
         w.fetch_add(1, Ordering::SeqCst);
-        let _ =
-            rustix::thread::futex::wake(w, rustix::thread::futex::Flags::empty(), i32::MAX as u32);
+        // SAFETY: FUTEX_WAKE (shared: the word lives in a MAP_SHARED mapping other processes
+        // wait on) only reads the address to find its waiters; `w` is a live, aligned u32 in
+        // the mapping. The result (how many woke, or an error) needs no handling.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                w.as_ptr(),
+                libc::FUTEX_WAKE,
+                i32::MAX,
+                std::ptr::null::<libc::timespec>(),
+            )
+        };
     }
 
     /// Sleeps on the doorbell at `bell` while it still reads `seen`, for at most `d`.
     fn sleep(&self, bell: usize, seen: u32, d: Duration) {
-        let ts = rustix::thread::futex::Timespec {
-            tv_sec: d.as_secs() as _,
-            tv_nsec: d.subsec_nanos() as _,
+        let ts = libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
         };
-        // EAGAIN (the word changed), ETIMEDOUT and EINTR all mean: look again.
-        let _ = rustix::thread::futex::wait(
-            self.u32_at(bell),
-            rustix::thread::futex::Flags::empty(),
-            seen,
-            Some(&ts),
-        );
+        // SAFETY: FUTEX_WAIT (shared) compares the live, aligned u32 at the address with `seen`
+        // and sleeps at most `ts` (relative); `ts` outlives the call. EAGAIN (the word changed),
+        // ETIMEDOUT and EINTR all mean: look again, so the result is not needed.
+        // (A direct system call rather than rustix's: rustix's futex feature reads the aux
+        // vector through prctl(PR_GET_AUXV), which valgrind does not emulate.)
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.u32_at(bell).as_ptr(),
+                libc::FUTEX_WAIT,
+                seen,
+                &ts as *const libc::timespec,
+            )
+        };
     }
 
     /// Whether the publisher (some process holding [`PUB_BYTE`]) is alive.
