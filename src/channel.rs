@@ -1629,7 +1629,7 @@ impl Waiter {
         let ready = || {
             ch.head().load(Ordering::SeqCst) > self.pos || ch.closed().load(Ordering::SeqCst) != 0
         };
-        spin_until(SPIN.min(timeout.unwrap_or(SPIN)), &ready);
+        spin_until(SPIN.min(timeout.unwrap_or(SPIN)), ready);
         loop {
             if ready() {
                 return Ok(true);
