@@ -64,14 +64,17 @@ fn one_tib_file_is_refused_before_anything_is_created() {
         .create_file(d.join("small.zcbuf"), 1 << 20, &CreateOptions::new())
         .unwrap();
     r.free(id).unwrap();
-    let id = r
-        .create_file(
-            d.join("sparse.zcbuf"),
-            TIB,
-            &CreateOptions::new().reserve(false),
-        )
-        .unwrap();
-    r.free(id).unwrap();
+    match r.create_file(
+        d.join("sparse.zcbuf"),
+        TIB,
+        &CreateOptions::new().reserve(false),
+    ) {
+        Ok(id) => r.free(id).unwrap(),
+        // Under valgrind a 1 TiB mapping does not fit its address space: still not refused for
+        // lack of disk space, which is what this checks.
+        Err(zcbuf::Error::OutOfMemory(m)) if m.contains("address space") => {}
+        Err(e) => panic!("a sparse 1 TiB file was refused: {e}"),
+    }
     std::fs::remove_dir_all(&d).unwrap();
 }
 
