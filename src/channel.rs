@@ -562,7 +562,29 @@ pub struct Publisher {
     next: usize,
     /// Slots loaned and not yet sent or cancelled.
     loaned: Vec<bool>,
-    closed: bool,
+    /// Set by [`Publisher::close`] or a [`PubCloser`] (from any thread, even while this
+    /// publisher waits in `loan`).
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Ends a publisher's stream from another thread, without waiting for a call in progress on it
+/// (a `loan` waiting for a free slot returns [`Error::Closed`] within a wait slice).
+#[derive(Clone)]
+pub struct PubCloser {
+    ch: Arc<Chan>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PubCloser {
+    /// Ends the stream (idempotent): subscribers receive what was sent, then end of stream.
+    pub fn close(&self) {
+        if self.ch.check_pid().is_err() || self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.ch.closed().store(1, Ordering::SeqCst);
+        self.ch.ring(C_BELL);
+        self.ch.ring(C_SPACE_BELL); // our own loan, if it waits
+    }
 }
 
 /// A slot loaned by [`Publisher::loan`], to fill in place and [`Publisher::send`].
@@ -628,7 +650,7 @@ impl Publisher {
             min_cache: None,
             next: 0,
             loaned: vec![false; n],
-            closed: false,
+            closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -664,9 +686,17 @@ impl Publisher {
         self.ch.head().load(Ordering::Relaxed)
     }
 
+    /// A handle that ends this publisher's stream from any thread.
+    pub fn closer(&self) -> PubCloser {
+        PubCloser {
+            ch: Arc::clone(&self.ch),
+            closed: Arc::clone(&self.closed),
+        }
+    }
+
     fn check_open(&self) -> Result<()> {
         self.ch.check_pid()?;
-        if self.closed {
+        if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed(format!(
                 "channel {:?}: this publisher was closed",
                 self.ch.name
@@ -706,6 +736,7 @@ impl Publisher {
         let mut reclaim = false;
         let mut last_reclaim = Instant::now();
         loop {
+            self.check_open()?;
             if let Some(k) = self.try_claim(reclaim)? {
                 self.loaned[k] = true;
                 return Ok(Loan {
@@ -900,12 +931,7 @@ impl Publisher {
 
     /// Ends the stream: subscribers receive what was sent, then end of stream. Idempotent.
     pub fn close(&mut self) -> Result<()> {
-        if self.closed || self.ch.check_pid().is_err() {
-            return Ok(());
-        }
-        self.closed = true;
-        self.ch.closed().store(1, Ordering::SeqCst);
-        self.ch.ring(C_BELL);
+        self.closer().close();
         Ok(())
     }
 }
@@ -995,6 +1021,9 @@ struct SubInner {
     soft: AtomicU64,
     /// The slot of the soft-pinned message.
     soft_slot: AtomicU32,
+    /// The subscriber's own position (its next message), mirrored for [`Waiter`]s made from
+    /// other threads.
+    local_pos: AtomicU64,
 }
 
 impl SubInner {
@@ -1009,7 +1038,7 @@ impl SubInner {
     /// Turns the soft pin of a message still alive into a real pin, so our position can move
     /// on; a message dropped meanwhile has advanced the position itself.
     fn harden(&self) {
-        let prev = self.soft.load(Ordering::Acquire);
+        let prev = self.soft.load(Ordering::SeqCst);
         if prev == 0 {
             return;
         }
@@ -1024,6 +1053,43 @@ impl SubInner {
         } else {
             self.unpin(k);
         }
+    }
+
+    /// Whether our entry still counts (not closed, not reclaimed).
+    fn active(&self) -> bool {
+        self.ch.sub_state(self.idx).load(Ordering::SeqCst) & 0xf == ST_ACTIVE
+    }
+
+    /// Stops counting for *block*: hardens a soft-pinned message, moves the entry to DRAINING,
+    /// hardens again (a `recv` racing this one sets its soft pin, then looks at the state: one
+    /// of the two sees the other), and wakes whoever waits: a `recv` of this subscriber in
+    /// another thread returns [`Error::Closed`].
+    fn close_entry(&self) {
+        if self.ch.check_pid().is_err() {
+            return;
+        }
+        self.harden();
+        let st = self.ch.sub_state(self.idx);
+        loop {
+            let s = st.load(Ordering::SeqCst);
+            if s & 0xf != ST_ACTIVE {
+                break;
+            }
+            if st
+                .compare_exchange(
+                    s,
+                    (s & !0xf) | ST_DRAINING,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            {
+                break;
+            }
+        }
+        self.harden();
+        self.ch.ring(C_SPACE_BELL);
+        self.ch.ring(C_BELL);
     }
 
     fn bit(&self) -> (usize, u64) {
@@ -1096,6 +1162,8 @@ pub struct Subscriber {
     pos: u64,
     /// The head last read (block: messages below it need no new read of the head).
     head_seen: u64,
+    /// When a zero-timeout `recv` last asked whether the publisher is alive.
+    alive_checked: Option<Instant>,
     missed: u64,
     last_seq: Option<u64>,
     last_ts: u64,
@@ -1165,6 +1233,11 @@ impl Message {
 
 impl Drop for Message {
     fn drop(&mut self) {
+        // In a fork child this is a copy of the parent's message: the shared words are the
+        // parent's to change, never the child's.
+        if self.inner.ch.check_pid().is_err() {
+            return;
+        }
         let me = self.seq + 1;
         if self.soft
             && self
@@ -1278,6 +1351,11 @@ impl Subscriber {
     /// from now on.
     pub fn open(name: &str) -> Result<Subscriber> {
         let mapped = shm::open(name, false)?;
+        if mapped.readonly() {
+            return Err(Error::InvalidArgument(format!(
+                "shared segment {name:?} is sealed (read-only for every open), so it is not a                  usable channel"
+            )));
+        }
         let base = mapped.data_ptr();
         let lay = read_layout(base, mapped.len(), name)?;
         let role = role_file(&mapped, name)?;
@@ -1298,14 +1376,17 @@ impl Subscriber {
             held: Mutex::new(vec![0; n]),
             soft: AtomicU64::new(0),
             soft_slot: AtomicU32::new(0),
+            local_pos: AtomicU64::new(0),
         });
         let ch = &inner.ch;
         let pos = ch.head().load(Ordering::SeqCst);
         ch.sub_pos(idx).store(pos, Ordering::SeqCst);
+        inner.local_pos.store(pos, Ordering::SeqCst);
         Ok(Subscriber {
             inner,
             pos,
             head_seen: pos,
+            alive_checked: None,
             missed: 0,
             last_seq: None,
             last_ts: 0,
@@ -1370,8 +1451,17 @@ impl Subscriber {
                             if ch.closed().load(Ordering::SeqCst) != 0 {
                                 return Err(closed_error(&ch.name, false));
                             }
-                            if !ch.publisher_alive()? && ch.closed().load(Ordering::SeqCst) == 0 {
-                                return Err(closed_error(&ch.name, true));
+                            // One system call; polls (timeout 0) in a tight loop ask at most
+                            // every millisecond.
+                            let due = self
+                                .alive_checked
+                                .is_none_or(|t| t.elapsed() >= Duration::from_millis(1));
+                            if due {
+                                self.alive_checked = Some(Instant::now());
+                                if !ch.publisher_alive()? && ch.closed().load(Ordering::SeqCst) == 0
+                                {
+                                    return Err(closed_error(&ch.name, true));
+                                }
                             }
                         }
                         return Err(timeout_error("no message came", &ch.name, t));
@@ -1392,7 +1482,8 @@ impl Subscriber {
             waiters.fetch_add(1, Ordering::SeqCst);
             let seen = ch.u32_at(C_BELL).load(Ordering::SeqCst);
             let ready = ch.head().load(Ordering::SeqCst) > self.pos
-                || ch.closed().load(Ordering::SeqCst) != 0;
+                || ch.closed().load(Ordering::SeqCst) != 0
+                || !self.inner.active();
             if !ready {
                 let d = left.map_or(SLICE, |l| l.min(SLICE));
                 ch.sleep(C_BELL, seen, d);
@@ -1418,6 +1509,14 @@ impl Subscriber {
     /// One look: the message at our position when there is one.
     fn try_recv_once(&mut self) -> Result<Option<Message>> {
         let ch = Arc::clone(&self.inner.ch);
+        if !self.inner.active() {
+            // Closed (by us, or through a closer from another thread): its position no longer
+            // keeps the publisher off anything, so no message may be handed out.
+            return Err(Error::Closed(format!(
+                "channel {:?}: this subscriber was closed",
+                ch.name
+            )));
+        }
         let n = ch.lay.slots as u64;
         let corrupt = |why: String| Err(Error::Corrupt(format!("channel {:?}: {why}", ch.name)));
         let mut last_head = None;
@@ -1516,9 +1615,15 @@ impl Subscriber {
                 0
             };
             self.pos = p + 1;
+            self.inner.local_pos.store(self.pos, Ordering::SeqCst);
             if soft {
                 self.inner.soft_slot.store(k as u32, Ordering::Relaxed);
-                self.inner.soft.store(p + 1, Ordering::Release);
+                self.inner.soft.store(p + 1, Ordering::SeqCst);
+                if !self.inner.active() {
+                    // Closed meanwhile: the position stopped counting, so pin it for real
+                    // (close hardens too; the soft-pin word's CAS makes one of us do it).
+                    self.inner.harden();
+                }
             } else {
                 self.inner.advance(p + 1);
             }
@@ -1543,6 +1648,7 @@ impl Subscriber {
         ch.sub_missed(self.inner.idx)
             .store(self.missed, Ordering::Relaxed);
         self.pos = to;
+        self.inner.local_pos.store(to, Ordering::SeqCst);
         self.inner.advance(to);
     }
 
@@ -1553,11 +1659,13 @@ impl Subscriber {
         Waiter {
             ch: Arc::clone(&self.inner.ch),
             pos: self.pos,
+            inner: Some(Arc::clone(&self.inner)),
         }
     }
 
     /// Releases a pin kept with [`Message::into_raw`] (C ABI).
     pub fn release_slot(&self, slot: usize) -> Result<()> {
+        self.inner.ch.check_pid()?;
         if slot >= self.inner.ch.lay.slots {
             return Err(Error::InvalidArgument(format!(
                 "slot {slot} is not a slot of this channel"
@@ -1576,31 +1684,36 @@ impl Subscriber {
     /// Stops receiving: from now on this subscriber no longer holds back a *block* publisher.
     /// Messages already received stay valid until dropped.
     pub fn close(&mut self) {
-        if self.inner.ch.check_pid().is_err() {
-            return;
+        self.inner.close_entry();
+    }
+
+    /// A handle that closes this subscriber from any thread (see [`Subscriber::close`]); a
+    /// `recv` waiting in another thread then returns [`Error::Closed`].
+    pub fn closer(&self) -> SubCloser {
+        SubCloser {
+            inner: Arc::clone(&self.inner),
         }
-        // A message still alive must keep its slot once our position stops counting.
-        self.inner.harden();
-        let st = self.inner.ch.sub_state(self.inner.idx);
-        loop {
-            let s = st.load(Ordering::SeqCst);
-            if s & 0xf != ST_ACTIVE {
-                break;
-            }
-            if st
-                .compare_exchange(
-                    s,
-                    (s & !0xf) | ST_DRAINING,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
-            {
-                if self.inner.ch.u32_at(C_PUB_WAITING).load(Ordering::SeqCst) != 0 {
-                    self.inner.ch.ring(C_SPACE_BELL);
-                }
-                break;
-            }
+    }
+}
+
+/// Closes a subscriber from another thread (see [`Subscriber::closer`]).
+#[derive(Clone)]
+pub struct SubCloser {
+    inner: Arc<SubInner>,
+}
+
+impl SubCloser {
+    /// As [`Subscriber::close`].
+    pub fn close(&self) {
+        self.inner.close_entry();
+    }
+    /// A waiter on the subscriber's next message (see [`Subscriber::waiter`]), made without
+    /// borrowing the subscriber.
+    pub fn waiter(&self) -> Waiter {
+        Waiter {
+            ch: Arc::clone(&self.inner.ch),
+            pos: self.inner.local_pos.load(Ordering::SeqCst),
+            inner: Some(Arc::clone(&self.inner)),
         }
     }
 }
@@ -1615,6 +1728,8 @@ impl Drop for Subscriber {
 pub struct Waiter {
     ch: Arc<Chan>,
     pos: u64,
+    /// The subscriber, when known: a closed one is "ready" (its `recv` says so).
+    inner: Option<Arc<SubInner>>,
 }
 
 impl Waiter {
@@ -1627,7 +1742,9 @@ impl Waiter {
         ch.check_pid()?;
         let start = Instant::now();
         let ready = || {
-            ch.head().load(Ordering::SeqCst) > self.pos || ch.closed().load(Ordering::SeqCst) != 0
+            ch.head().load(Ordering::SeqCst) > self.pos
+                || ch.closed().load(Ordering::SeqCst) != 0
+                || self.inner.as_ref().is_some_and(|i| !i.active())
         };
         spin_until(SPIN.min(timeout.unwrap_or(SPIN)), ready);
         loop {
@@ -1787,6 +1904,17 @@ pub(crate) fn peek(
     })
 }
 
+/// Whether the data region at `base` (`len` bytes, mapped) holds a channel's control block.
+pub(crate) fn is_channel(base: NonNull<u8>, len: usize) -> bool {
+    if len < CTL_LEN {
+        return false;
+    }
+    // SAFETY: `base` is the page-aligned start of a mapping of at least CTL_LEN bytes; the
+    // magic is written once, atomically, by the publisher.
+    let magic = unsafe { AtomicU64::from_ptr(base.as_ptr().cast()) };
+    magic.load(Ordering::Acquire) == CTL_MAGIC
+}
+
 /// Describes channel `name` without subscribing.
 pub fn info(name: &str) -> Result<ChannelInfo> {
     let mapped = shm::open(name, false)?;
@@ -1831,29 +1959,46 @@ pub fn info(name: &str) -> Result<ChannelInfo> {
 
 /// Endpoints by `u64` handle, for the C ABI (and so Python): the C side passes plain integers,
 /// which are looked up (and so validated) on every call.
+///
+/// A call that may wait (a `recv`, a `loan` or `send_copy` for a free slot) holds only its own
+/// endpoint's lock: releasing a message, closing, or waiting for readiness from other threads
+/// never waits behind it.
 pub mod handles {
     use std::collections::HashMap;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, LazyLock, Mutex, RwLock};
 
-    use super::{Message, Publisher, Subscriber};
+    use super::{Message, PubCloser, Publisher, SubCloser, Subscriber};
     use crate::error::{Error, Result};
 
-    /// A subscriber and the messages handed to C, by slot (a slot holds one message at a time
-    /// while pinned, so one per slot suffices).
-    pub struct SubHandle {
-        /// The subscriber (`None` once closed).
-        pub sub: Option<Subscriber>,
-        /// Messages received through the C ABI and not yet released.
-        pub out: Vec<Option<Message>>,
+    /// A publisher, and what closes it without its lock.
+    pub struct PubHandle {
+        p: Mutex<Publisher>,
+        closer: PubCloser,
     }
 
-    type Table<T> = RwLock<HashMap<u64, Arc<Mutex<T>>>>;
-    static PUBS: LazyLock<Table<Publisher>> = LazyLock::new(Default::default);
+    /// Messages handed to C, by slot (a pinned slot holds one message at a time, so one per
+    /// slot suffices), and whether the handle has been forgotten.
+    struct Out {
+        msgs: Vec<Option<Message>>,
+        removed: bool,
+    }
+
+    /// A subscriber, the messages received through C and not yet released, and what closes it
+    /// or waits on it without its lock.
+    pub struct SubHandle {
+        sub: Mutex<Subscriber>,
+        out: Mutex<Out>,
+        closer: SubCloser,
+        closed: AtomicBool,
+    }
+
+    type Table<T> = RwLock<HashMap<u64, Arc<T>>>;
+    static PUBS: LazyLock<Table<PubHandle>> = LazyLock::new(Default::default);
     static SUBS: LazyLock<Table<SubHandle>> = LazyLock::new(Default::default);
     static NEXT: AtomicU64 = AtomicU64::new(1);
 
-    fn get<T>(t: &Table<T>, id: u64, what: &str) -> Result<Arc<Mutex<T>>> {
+    fn get<T>(t: &Table<T>, id: u64, what: &str) -> Result<Arc<T>> {
         t.read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
@@ -1868,73 +2013,102 @@ pub mod handles {
     /// Registers a publisher; returns its handle.
     pub fn add_pub(p: Publisher) -> u64 {
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
-        PUBS.write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Arc::new(Mutex::new(p)));
+        let closer = p.closer();
+        PUBS.write().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Arc::new(PubHandle {
+                p: Mutex::new(p),
+                closer,
+            }),
+        );
         id
     }
 
-    /// Runs `f` on publisher `id`.
+    /// Runs `f` on publisher `id` (holding its lock).
     pub fn with_pub<R>(id: u64, f: impl FnOnce(&mut Publisher) -> Result<R>) -> Result<R> {
-        let p = get(&PUBS, id, "publisher")?;
-        let mut g = lock(&p);
+        let h = get(&PUBS, id, "publisher")?;
+        let mut g = lock(&h.p);
         f(&mut g)
     }
 
-    /// Closes the stream of publisher `id`; the handle stays (loans can still be cancelled).
+    /// Ends the stream of publisher `id` (a call waiting on it returns); the handle stays.
     pub fn close_pub(id: u64) -> Result<()> {
-        with_pub(id, |p| p.close())
+        get(&PUBS, id, "publisher")?.closer.close();
+        Ok(())
     }
 
-    /// Closes the stream of publisher `id` if open, and forgets the handle: its loans' memory
-    /// may go with it.
+    /// Ends the stream of publisher `id` if open, and forgets the handle: its loans' memory
+    /// may go with it (once a call still running on it returns).
     pub fn free_pub(id: u64) -> Result<()> {
-        let p = PUBS
+        let h = PUBS
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)
             .ok_or_else(|| Error::NotFound(format!("publisher handle {id} is not open")))?;
-        let mut g = lock(&p);
-        g.close()
+        h.closer.close();
+        Ok(())
     }
 
     /// Registers a subscriber; returns its handle.
     pub fn add_sub(s: Subscriber) -> u64 {
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let n = s.slots();
+        let closer = s.closer();
         SUBS.write().unwrap_or_else(|p| p.into_inner()).insert(
             id,
-            Arc::new(Mutex::new(SubHandle {
-                sub: Some(s),
-                out: (0..n).map(|_| None).collect(),
-            })),
+            Arc::new(SubHandle {
+                sub: Mutex::new(s),
+                out: Mutex::new(Out {
+                    msgs: (0..n).map(|_| None).collect(),
+                    removed: false,
+                }),
+                closer,
+                closed: AtomicBool::new(false),
+            }),
         );
         id
     }
 
-    /// Runs `f` on subscriber `id`.
-    pub fn with_sub<R>(id: u64, f: impl FnOnce(&mut SubHandle) -> Result<R>) -> Result<R> {
-        let s = get(&SUBS, id, "subscriber")?;
-        let mut g = lock(&s);
-        f(&mut g)
+    /// Receives on subscriber `id` (holding only its receive lock while it waits) and keeps the
+    /// message for a later [`release`]; `f` describes it while the subscriber is at hand.
+    pub fn recv<R>(
+        id: u64,
+        timeout: Option<std::time::Duration>,
+        f: impl FnOnce(&Subscriber, &Message) -> R,
+    ) -> Result<R> {
+        let h = get(&SUBS, id, "subscriber")?;
+        if h.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed(format!("subscriber handle {id} was closed")));
+        }
+        let (m, desc) = {
+            let mut s = lock(&h.sub);
+            let m = s.recv(timeout)?;
+            let desc = f(&s, &m);
+            (m, desc)
+        };
+        let mut out = lock(&h.out);
+        if out.removed {
+            return Err(Error::Closed(format!("subscriber handle {id} was closed")));
+        }
+        let k = m.slot();
+        out.msgs[k] = Some(m); // a pinned slot holds one message: nothing is replaced
+        Ok(desc)
     }
 
-    /// Waits (without holding subscriber `id`'s lock) until it has something to receive.
+    /// Waits (without any lock of subscriber `id`) until it has something to receive.
     pub fn wait_sub(id: u64, timeout: Option<std::time::Duration>) -> Result<bool> {
-        let w = with_sub(id, |h| {
-            h.sub
-                .as_ref()
-                .map(|s| s.waiter())
-                .ok_or_else(|| Error::InvalidArgument(format!("subscriber handle {id} is closed")))
-        })?;
-        w.wait(timeout)
+        let h = get(&SUBS, id, "subscriber")?;
+        if h.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed(format!("subscriber handle {id} was closed")));
+        }
+        h.closer.waiter().wait(timeout)
     }
 
     /// Releases message `slot` of subscriber `id`; forgets a closed handle with nothing out.
     pub fn release(id: u64, slot: usize) -> Result<()> {
-        let s = get(&SUBS, id, "subscriber")?;
-        let mut g = lock(&s);
-        match g.out.get_mut(slot).and_then(Option::take) {
+        let h = get(&SUBS, id, "subscriber")?;
+        let mut out = lock(&h.out);
+        match out.msgs.get_mut(slot).and_then(Option::take) {
             Some(m) => drop(m),
             None => {
                 return Err(Error::InvalidArgument(format!(
@@ -1942,28 +2116,29 @@ pub mod handles {
                 )));
             }
         }
-        if g.sub.is_none() && g.out.iter().all(Option::is_none) {
-            drop(g);
-            SUBS.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        }
+        forget_if_done(id, &h, &mut out);
         Ok(())
     }
 
-    /// Closes subscriber `id`: it stops counting for *block* now; the handle stays until every
-    /// message received through it is released.
+    fn forget_if_done(id: u64, h: &SubHandle, out: &mut Out) {
+        if h.closed.load(Ordering::SeqCst) && !out.removed && out.msgs.iter().all(Option::is_none) {
+            out.removed = true;
+            SUBS.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
+    }
+
+    /// Closes subscriber `id` (a `recv` waiting on it returns): it stops counting for *block*
+    /// now; the handle stays until every message received through it is released.
     pub fn close_sub(id: u64) -> Result<()> {
-        let s = get(&SUBS, id, "subscriber")?;
-        let mut g = lock(&s);
-        let Some(sub) = g.sub.take() else {
+        let h = get(&SUBS, id, "subscriber")?;
+        if h.closed.swap(true, Ordering::SeqCst) {
             return Err(Error::NotFound(format!(
                 "subscriber handle {id} is already closed"
             )));
-        };
-        drop(sub);
-        if g.out.iter().all(Option::is_none) {
-            drop(g);
-            SUBS.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
+        h.closer.close();
+        let mut out = lock(&h.out);
+        forget_if_done(id, &h, &mut out);
         Ok(())
     }
 }

@@ -1247,22 +1247,15 @@ pub unsafe extern "C" fn zcbuf_sub_recv(
         if out.is_null() {
             return Err(null("out"));
         }
-        let m = crate::channel::handles::with_sub(subscriber, |h| {
-            let sub = h.sub.as_mut().ok_or_else(|| {
-                Error::InvalidArgument(format!("subscriber handle {subscriber} is closed"))
-            })?;
-            let msg = sub.recv(micros(timeout_us))?;
-            let desc = ZcbufMessage {
+        let m = crate::channel::handles::recv(subscriber, micros(timeout_us), |sub, msg| {
+            ZcbufMessage {
                 ptr: msg.as_ptr(),
                 len: msg.len(),
                 seq: msg.seq(),
                 timestamp_ns: msg.timestamp_ns(),
                 missed: sub.missed(),
                 slot: msg.slot() as u32,
-            };
-            let k = msg.slot();
-            h.out[k] = Some(msg); // a pinned slot holds one message: nothing is replaced
-            Ok(desc)
+            }
         })?;
         // SAFETY: checked non-NULL; the caller guarantees it is writable.
         unsafe { out.write(m) };

@@ -485,6 +485,13 @@ impl Mapped {
                 "shared buffer {name:?} has no hold on its segment"
             )));
         };
+        if crate::channel::is_channel(self.data_ptr(), self.len) {
+            // Its publisher and subscribers write its control words: sealed (read-only for
+            // every later open), a subscriber could not even take its entry.
+            return Err(Error::InvalidArgument(format!(
+                "segment {name:?} is a channel, which cannot be sealed (its endpoints write to                  it); seal is for plain shared buffers"
+            )));
+        }
         crate::shm::seal(hold.fd(), name, self.readonly)?;
         self.mark_sealed();
         Ok(())

@@ -165,3 +165,54 @@ fn bad_input_is_an_error() {
     }
     reg.free(id).unwrap();
 }
+
+#[test]
+fn a_closed_subscriber_gets_no_more_messages() {
+    // Once closed, its position no longer protects anything: recv must refuse, not hand out
+    // a view the publisher may overwrite.
+    let n = name("closed-recv");
+    let mut p = Publisher::create(Some(&n), u64s(1), 2, Policy::Block, 4).unwrap();
+    let mut s = Subscriber::open(&n).unwrap();
+    p.send_copy(&1u64.to_le_bytes(), None).unwrap();
+    s.close();
+    match s.recv(Some(Duration::ZERO)) {
+        Err(Error::Closed(m)) => assert!(m.contains("subscriber was closed"), "{m}"),
+        other => panic!("{:?}", other.map(|m| m.seq())),
+    }
+}
+
+#[test]
+fn close_from_another_thread_wakes_a_waiting_recv_and_loan() {
+    let n = name("closer");
+    let mut p = Publisher::create(Some(&n), u64s(1), 1, Policy::Block, 4).unwrap();
+    let mut s = Subscriber::open(&n).unwrap();
+    let closer = s.closer();
+    let t = std::thread::spawn(move || s.recv(None).map(|m| m.seq()));
+    std::thread::sleep(Duration::from_millis(50));
+    closer.close();
+    assert!(matches!(t.join().unwrap(), Err(Error::Closed(_))));
+    // A publisher waiting for a slot (the ring is held by a kept message) is woken by close.
+    let mut s2 = Subscriber::open(&n).unwrap();
+    p.send_copy(&1u64.to_le_bytes(), None).unwrap();
+    let kept = s2.recv(Some(Duration::from_secs(1))).unwrap();
+    let pc = p.closer();
+    let t = std::thread::spawn(move || p.send_copy(&2u64.to_le_bytes(), None));
+    std::thread::sleep(Duration::from_millis(50));
+    pc.close();
+    assert!(matches!(t.join().unwrap(), Err(Error::Closed(_))));
+    drop(kept);
+}
+
+#[test]
+fn a_channel_cannot_be_sealed() {
+    let n = name("seal");
+    let _p = Publisher::create(Some(&n), u64s(1), 2, Policy::Block, 4).unwrap();
+    let reg = zcbuf::Registry::global();
+    let id = reg.open_shared(&n, false).unwrap();
+    match reg.seal(id) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("is a channel"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    reg.free(id).unwrap();
+    let _s = Subscriber::open(&n).unwrap(); // still a working channel
+}

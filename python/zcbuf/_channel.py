@@ -31,6 +31,9 @@ __all__ = ["Publisher", "Subscriber", "publish", "subscribe"]
 # A blocking call waits in native slices of at most this long, so that Python runs signal
 # handlers (Ctrl-C) in between; the native side spins briefly, then sleeps on a futex.
 _SLICE_US = 50_000
+# recv_async polls this long (yielding to the event loop between looks) before it hands the wait
+# to a helper thread.
+_ASYNC_POLL_S = 50e-6
 _ETIMEDOUT = lib.ZCBUF_ETIMEDOUT
 _POLICIES = {"block": lib.ZCBUF_POLICY_BLOCK, "latest": lib.ZCBUF_POLICY_LATEST}
 _POLICY_NAMES = {v: k for k, v in _POLICIES.items()}
@@ -48,7 +51,7 @@ _monotonic = time.monotonic
 
 def _slices(timeout: Optional[float]) -> Tuple[int, Optional[float]]:
     """The first slice (µs) and the deadline for a call waiting ``timeout`` seconds."""
-    if timeout is None:
+    if timeout is None or timeout == math.inf:
         return _SLICE_US, None
     if timeout < 0 or math.isnan(timeout):
         raise InvalidArgumentError(f"timeout must be >= 0 seconds or None, not {timeout}")
@@ -134,7 +137,7 @@ class Publisher:
     learn it from the kernel (within about 50 ms) after draining what was sent.
     """
 
-    __slots__ = ("_id", "_handle", "_name", "_shape", "_dtype", "_nbytes", "_count", "_slots", "_policy", "_seq", "_seq_out", "__weakref__")
+    __slots__ = ("_id", "_handle", "_name", "_shape", "_dtype", "_nbytes", "_count", "_slots", "_policy", "_seq", "__weakref__")
 
     def __init__(self, id_: int, desc: Any) -> None:
         self._id = 0
@@ -149,7 +152,6 @@ class Publisher:
         self._count = math.prod(shape)
         self._slots, self._policy = slots, policy
         self._seq: Optional[int] = None
-        self._seq_out = _new("uint64_t *")
         self._id = id_
 
     @property
@@ -245,7 +247,7 @@ class Publisher:
             src = _from_buffer("uint8_t[]", a)
         except (BufferError, ValueError, TypeError):  # not contiguous
             src = _from_buffer("uint8_t[]", np.ascontiguousarray(a))
-        seq = self._seq_out
+        seq = _new("uint64_t *")  # per call: sends from several threads each get their own
         if timeout is None:
             us, deadline = _SLICE_US, None
         else:
@@ -360,6 +362,10 @@ class _Waiter:
 
     def __init__(self, sid: int, name: str) -> None:
         self._sid = sid
+        # Arming, disarming and taking the target happen under this lock, so a wake-up meant
+        # for one arming can never erase the next one (at worst it wakes the next one early,
+        # and recv_async looks again).
+        self._lock = threading.Lock()
         self._armed = threading.Event()
         self._target: Optional[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = None
         self._stopped = False
@@ -368,17 +374,20 @@ class _Waiter:
 
     def arm(self, loop: asyncio.AbstractEventLoop) -> "asyncio.Future[None]":
         fut: "asyncio.Future[None]" = loop.create_future()
-        self._target = (loop, fut)
-        self._armed.set()
+        with self._lock:
+            self._target = (loop, fut)
+            self._armed.set()
         return fut
 
     def disarm(self) -> None:
-        self._armed.clear()
-        self._target = None
+        with self._lock:
+            self._armed.clear()
+            self._target = None
 
     def stop(self) -> None:
-        self._stopped = True
-        self._armed.set()
+        with self._lock:
+            self._stopped = True
+            self._armed.set()
 
     def _run(self) -> None:
         while True:
@@ -388,9 +397,12 @@ class _Waiter:
             st = lib.zcbuf_sub_wait(self._sid, _SLICE_US)
             if st == _ETIMEDOUT:
                 continue
-            target = self._target
-            self._armed.clear()
-            self._target = None
+            with self._lock:
+                if self._stopped:
+                    return
+                target = self._target
+                self._armed.clear()
+                self._target = None
             if target is not None:
                 loop, fut = target
                 try:
@@ -409,7 +421,7 @@ class Subscriber:
     keeping a message is safe. Iterating receives until the end of the stream.
     """
 
-    __slots__ = ("_id", "_name", "_shape", "_dtype", "_nbytes", "_count", "_flat", "_slots", "_policy", "_last", "_out", "_waiter", "__weakref__")
+    __slots__ = ("_id", "_name", "_shape", "_dtype", "_nbytes", "_count", "_flat", "_slots", "_policy", "_last", "_waiter", "__weakref__")
 
     def __init__(self, id_: int, name: str, desc: Any) -> None:
         self._id = 0
@@ -419,7 +431,6 @@ class Subscriber:
         self._count = math.prod(shape)
         self._slots, self._policy = slots, policy
         self._flat = len(shape) == 1
-        self._out = _new("zcbuf_message_t *")
         self._last: Any = None
         self._waiter: Optional[_Waiter] = None
         self._id = id_
@@ -483,26 +494,40 @@ class Subscriber:
         :class:`zcbuf.Timeout`, and :class:`zcbuf.ChannelClosed` once every message sent
         before the publisher closed the stream (or died) has been received.
         """
-        return self._recv_into(timeout, self._out)
+        # A message struct per call: recv from several threads must not share one.
+        return self._recv_into(timeout, _new("zcbuf_message_t *"))
 
     def _recv_into(self, timeout: Optional[float], out: Any) -> np.ndarray:
         sid = self._id
         if sid == 0:
             raise ChannelClosed(f"subscriber of channel {self._name!r} is closed")
-        if timeout is None:
-            st = _recv(sid, _SLICE_US, out)
-            while st == _ETIMEDOUT:
-                st = _recv(sid, _SLICE_US, out)
-        else:
-            us, deadline = _slices(timeout)
+        us, deadline = _slices(timeout)
+        st = _recv(sid, us, out)
+        while st == _ETIMEDOUT:
+            us = _next_slice(deadline)
+            if us < 0:
+                break
+            if self._id == 0:  # closed by another thread between two slices
+                raise ChannelClosed(f"subscriber of channel {self._name!r} was closed")
             st = _recv(sid, us, out)
-            while st == _ETIMEDOUT:
-                us = _next_slice(deadline)
-                if us < 0:
-                    break
-                st = _recv(sid, us, out)
         if st:
             check(st)
+        return self._view(sid, out)
+
+    def _poll(self) -> Optional[np.ndarray]:
+        """The next message if one is there now, else None (no exception: cheap to repeat)."""
+        sid = self._id
+        if sid == 0:
+            raise ChannelClosed(f"subscriber of channel {self._name!r} is closed")
+        out = _new("zcbuf_message_t *")
+        st = _recv(sid, 0, out)
+        if st == _ETIMEDOUT:
+            return None
+        if st:
+            check(st)
+        return self._view(sid, out)
+
+    def _view(self, sid: int, out: Any) -> np.ndarray:
         self._last = out  # seq, timestamp and missed are read from it when asked for
         slot = out.slot
         # The slot stays pinned until this array and every view of it are gone.
@@ -522,12 +547,22 @@ class Subscriber:
         """:meth:`recv` for asyncio: returns at once when a message is waiting; else a helper
         thread of this subscriber waits natively (spinning briefly, then on the doorbell) and
         wakes the event loop, which receives the message itself. The loop never blocks."""
-        deadline = None if timeout is None else _monotonic() + timeout
+        now = _monotonic()
+        deadline = None if timeout is None else now + timeout
+        # First a short poll that gives the loop back between looks (other tasks run): a reply
+        # that comes within microseconds is taken without any thread hop or wake-up.
+        poll_until = now + _ASYNC_POLL_S if deadline is None else min(deadline, now + _ASYNC_POLL_S)
         while True:
-            try:
-                return self.recv(0)
-            except Timeout:
-                pass
+            m = self._poll()
+            if m is not None:
+                return m
+            if _monotonic() >= poll_until:
+                break
+            await asyncio.sleep(0)
+        while True:
+            m = self._poll()
+            if m is not None:
+                return m
             left = None if deadline is None else deadline - _monotonic()
             if left is not None and left <= 0:
                 raise Timeout(f"channel {self._name!r}: no message came for {timeout} s, the timeout")
@@ -560,6 +595,8 @@ class Subscriber:
 
     def __del__(self) -> None:
         try:
+            if self._waiter is not None:
+                self._waiter.stop()
             if self._id:
                 lib.zcbuf_sub_close(self._id)
         except Exception:  # noqa: BLE001 - never raise from a finalizer
