@@ -669,7 +669,8 @@ def _check_create(status: int) -> None:
     try:
         check(status)
     except AlreadyExistsError as e:
-        if re.search(rf"\b{os.getpid()}\b", str(e)):
+        held_by = re.search(r"held by live process\(es\) ([\d, ]+)", str(e))
+        if held_by and str(os.getpid()) in re.findall(r"\d+", held_by.group(1)):
             raise AlreadyExistsError(
                 f"{e} (this process is one of them: a Buffer object, array or export of that "
                 "segment is still alive here; after free(), drop the Buffer too, e.g. `del buf`)"
