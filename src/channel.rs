@@ -261,7 +261,7 @@ struct Chan {
     base: NonNull<u8>,
     lay: Layout,
     /// This endpoint's own open file description of the segment: its OFD role lock.
-    role: OwnedFd,
+    role: RoleFd,
     name: String,
     pid: u32,
     /// [`FORK_CHILD`] when this endpoint was made: another value means we are a fork child.
@@ -523,8 +523,26 @@ fn unregister_role(fd: RawFd) {
         .retain(|&f| f != fd);
 }
 
+/// An endpoint's own open file description of its segment (its role lock lives on it),
+/// registered for the fork handlers while it is open.
+struct RoleFd(OwnedFd);
+
+impl RoleFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl Drop for RoleFd {
+    /// Policy: unregistered first, then closed (which drops its locks): the fork handler never
+    /// sees a descriptor number that may already name another file.
+    fn drop(&mut self) {
+        unregister_role(self.0.as_raw_fd());
+    }
+}
+
 /// A fresh open file description of the segment `mapped` maps (for this endpoint's role lock).
-fn role_file(mapped: &Mapped, name: &str) -> Result<OwnedFd> {
+fn role_file(mapped: &Mapped, name: &str) -> Result<RoleFd> {
     let hold = mapped
         .hold()
         .ok_or_else(|| Error::Internal("a channel segment without a hold".into()))?;
@@ -536,13 +554,7 @@ fn role_file(mapped: &Mapped, name: &str) -> Result<OwnedFd> {
     )
     .map_err(|e| shm::open_error(&format!("open channel {name:?} again for its role lock"), e))?;
     register_role(fd.as_raw_fd());
-    Ok(fd)
-}
-
-impl Drop for Chan {
-    fn drop(&mut self) {
-        unregister_role(self.role.as_raw_fd());
-    }
+    Ok(RoleFd(fd))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,7 +637,22 @@ impl Publisher {
         max_subscribers: u32,
     ) -> Result<Publisher> {
         let lay = Layout::new(meta, slots, max_subscribers, policy)?;
-        let mapped = shm::create(name, lay.total, &CreateOptions::new())?;
+        let mapped = match shm::create(name, lay.total, &CreateOptions::new()) {
+            // A restarted producer: the name is still held by the subscribers of the channel
+            // its previous run left (they keep their mappings until they notice the end).
+            Err(Error::AlreadyExists(m)) => match name {
+                Some(n) if replace_dead_channel(n)? => {
+                    shm::create(Some(n), lay.total, &CreateOptions::new())?
+                }
+                Some(n) if is_live_channel(n) => {
+                    return Err(Error::AlreadyExists(format!(
+                        "channel {n:?} already has a live publisher (a channel has one):                          subscribe to it, or publish under another name"
+                    )));
+                }
+                _ => return Err(Error::AlreadyExists(m)),
+            },
+            r => r?,
+        };
         let name = mapped.name().unwrap_or_default().to_owned();
         let base = mapped.data_ptr();
         let role = role_file(&mapped, &name)?;
@@ -1359,6 +1386,19 @@ impl Subscriber {
         let base = mapped.data_ptr();
         let lay = read_layout(base, mapped.len(), name)?;
         let role = role_file(&mapped, name)?;
+        // A channel whose stream already ended (its publisher closed it, or died) has nothing
+        // to give a new subscriber: say so now rather than after a first wait, so a consumer
+        // that reconnects does not attach to (and keep alive) a channel that is over.
+        // SAFETY: C_CLOSED is an aligned u32 inside the validated layout.
+        let closed = unsafe { AtomicU32::from_ptr(base.as_ptr().add(C_CLOSED).cast()) };
+        if closed.load(Ordering::SeqCst) != 0
+            || !liveness::ofd_locked_by_other(role.as_fd(), PUB_BYTE)?
+        {
+            return Err(Error::Closed(format!(
+                "channel {name:?} has no publisher any more (it closed the stream, or died): \
+                 subscribe again once it publishes anew"
+            )));
+        }
         let ch = Arc::new(Chan {
             mapped: Arc::new(mapped),
             base,
@@ -1902,6 +1942,43 @@ pub(crate) fn peek(
         ),
         subscribers,
     })
+}
+
+/// The segment named `name`, opened for reading and writing, with its header, when it is a
+/// channel of this version (`None` otherwise).
+fn open_channel_file(name: &str) -> Option<(OwnedFd, rustix::fs::Stat)> {
+    let dir = liveness::shm_dir().ok()?;
+    let fd =
+        rustix::fs::openat(dir, name, shm::open_flags(true), rustix::fs::Mode::empty()).ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    let parsed = shm::inspect_header(fd.as_fd(), &st, name).ok()?;
+    let mut m = [0u8; 8];
+    match rustix::io::pread(&fd, &mut m, parsed.data_offset) {
+        Ok(8) if u64::from_le_bytes(m) == CTL_MAGIC => Some((fd, st)),
+        _ => None,
+    }
+}
+
+fn is_live_channel(name: &str) -> bool {
+    open_channel_file(name)
+        .is_some_and(|(fd, _)| liveness::ofd_locked_by_other(fd.as_fd(), PUB_BYTE).unwrap_or(true))
+}
+
+/// When `name` is a channel whose publisher is gone (closed and exited, or died) and whose
+/// subscribers still hold it, removes the name — as `unlink` would: they keep their mappings
+/// and learn that the stream ended — so a restarted publisher can create it anew. Taking the
+/// publisher's role lock first proves nobody publishes on it, and keeps a second restarter off
+/// it; the name is removed only while it still names that segment. Returns whether it did.
+fn replace_dead_channel(name: &str) -> Result<bool> {
+    let Some((fd, st)) = open_channel_file(name) else {
+        return Ok(false);
+    };
+    if !liveness::ofd_lock(fd.as_fd(), PUB_BYTE, libc::F_WRLCK as i16)? {
+        return Ok(false); // a live publisher
+    }
+    let dir = liveness::shm_dir()?;
+    liveness::remove_name_if(fd.as_fd(), dir, name, liveness::key_of(&st))
+    // `fd` closes here: our role and name locks go with it.
 }
 
 /// Whether the data region at `base` (`len` bytes, mapped) holds a channel's control block.

@@ -17,13 +17,13 @@ import asyncio
 import math
 import threading
 import time
-from typing import Any, Iterator, Optional, Tuple, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _dtype
 from ._buffer import ShapeLike, _shape_tuple
-from ._errors import ChannelClosed, InvalidArgumentError, Timeout, check
+from ._errors import ChannelClosed, InvalidArgumentError, NotFoundError, Timeout, check
 from ._native import ffi, lib
 
 __all__ = ["Publisher", "Subscriber", "publish", "subscribe"]
@@ -107,7 +107,7 @@ class _Loan:
         while st == _ETIMEDOUT:
             us = _next_slice(deadline)
             if us < 0:
-                break
+                raise pub._full(self._timeout)
             st = lib.zcbuf_pub_loan(pub._id, us, ptr, slot)
         check(st)
         self._slot = int(slot[0])
@@ -193,6 +193,23 @@ class Publisher:
         if self._id == 0:
             raise ChannelClosed(f"publisher of channel {self._name!r} is closed")
 
+    def _full(self, timeout: Optional[float]) -> Timeout:
+        """The error for a full ring after ``timeout`` s, naming what holds it."""
+        from ._admin import ls
+
+        why = "received messages still alive pin every slot"
+        try:
+            (seg,) = [x for x in ls() if x.name == self._name]
+            c = seg.channel
+            if c is not None and c.subscribers and self._policy == "block":
+                pid, pos, _, alive = min(c.subscribers, key=lambda x: x[1])
+                if c.published - pos >= self._slots:
+                    why = (f"the slowest subscriber (pid {pid}{'' if alive else ', dead'}) is at "
+                           f"message {pos}, a whole ring ({self._slots} slots) behind")
+        except Exception:  # noqa: BLE001 - the explanation is best effort; the timeout is not
+            pass
+        return Timeout(f"channel {self._name!r}: no slot came free within {timeout} s: {why}")
+
     @property
     def subscribers(self) -> int:
         """How many subscribers are receiving now."""
@@ -256,7 +273,7 @@ class Publisher:
         while st == _ETIMEDOUT:
             us = _next_slice(deadline)
             if us < 0:
-                break
+                raise self._full(timeout)
             st = _send_copy(pid, src, self._nbytes, us, seq)
         if st:
             check(st)
@@ -357,17 +374,18 @@ def _wake(fut: "asyncio.Future[None]") -> None:
 
 
 class _Waiter:
-    """A subscriber's helper thread for asyncio: when armed, waits natively until there is
-    something to receive (without receiving it) and wakes the event loop."""
+    """A subscriber's helper thread for asyncio: while any task waits, it waits natively until
+    there is something to receive (without receiving it) and wakes every waiting task, which
+    then look (one takes the message; the others wait again)."""
 
     def __init__(self, sid: int, name: str) -> None:
         self._sid = sid
-        # Arming, disarming and taking the target happen under this lock, so a wake-up meant
-        # for one arming can never erase the next one (at worst it wakes the next one early,
-        # and recv_async looks again).
+        # Arming, disarming and taking the targets happen under this lock, so a wake-up meant
+        # for one arming can never erase the next one (at worst it wakes it early, and
+        # recv_async looks again).
         self._lock = threading.Lock()
         self._armed = threading.Event()
-        self._target: Optional[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = None
+        self._targets: "List[Tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]" = []
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=f"zcbuf-subscriber-{name}", daemon=True)
         self._thread.start()
@@ -375,19 +393,32 @@ class _Waiter:
     def arm(self, loop: asyncio.AbstractEventLoop) -> "asyncio.Future[None]":
         fut: "asyncio.Future[None]" = loop.create_future()
         with self._lock:
-            self._target = (loop, fut)
+            self._targets.append((loop, fut))
             self._armed.set()
         return fut
 
-    def disarm(self) -> None:
+    def disarm(self, fut: "asyncio.Future[None]") -> None:
         with self._lock:
+            self._targets = [t for t in self._targets if t[1] is not fut]
+            if not self._targets:
+                self._armed.clear()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            targets, self._targets = self._targets, []
             self._armed.clear()
-            self._target = None
+        for loop, fut in targets:
+            try:
+                loop.call_soon_threadsafe(_wake, fut)
+            except RuntimeError:  # the loop was closed meanwhile
+                pass
 
     def stop(self) -> None:
+        """Ends the thread, waking every waiting task (which then finds the subscriber closed)."""
         with self._lock:
             self._stopped = True
             self._armed.set()
+        self._wake_all()
 
     def _run(self) -> None:
         while True:
@@ -397,18 +428,9 @@ class _Waiter:
             st = lib.zcbuf_sub_wait(self._sid, _SLICE_US)
             if st == _ETIMEDOUT:
                 continue
-            with self._lock:
-                if self._stopped:
-                    return
-                target = self._target
-                self._armed.clear()
-                self._target = None
-            if target is not None:
-                loop, fut = target
-                try:
-                    loop.call_soon_threadsafe(_wake, fut)
-                except RuntimeError:  # the loop was closed meanwhile
-                    pass
+            if self._stopped:
+                return
+            self._wake_all()
             if st:  # the subscriber was closed: nothing more to wait for
                 return
 
@@ -506,7 +528,7 @@ class Subscriber:
         while st == _ETIMEDOUT:
             us = _next_slice(deadline)
             if us < 0:
-                break
+                raise Timeout(f"channel {self._name!r}: no message came within {timeout} s")
             if self._id == 0:  # closed by another thread between two slices
                 raise ChannelClosed(f"subscriber of channel {self._name!r} was closed")
             st = _recv(sid, us, out)
@@ -575,7 +597,10 @@ class Subscriber:
             try:
                 await asyncio.wait_for(fut, left)
             except asyncio.TimeoutError:
-                w.disarm()
+                w.disarm(fut)
+            except BaseException:  # cancelled: this task no longer waits
+                w.disarm(fut)
+                raise
 
     def close(self) -> None:
         """Stops receiving: a ``"block"`` publisher no longer waits for this subscriber.
@@ -583,7 +608,7 @@ class Subscriber:
         if self._id:
             id_, self._id = self._id, 0
             if self._waiter is not None:
-                self._waiter.stop()
+                self._waiter.stop()  # tasks in recv_async wake, and find the subscriber closed
                 self._waiter = None
             check(lib.zcbuf_sub_close(id_))
 
@@ -613,20 +638,38 @@ class Subscriber:
         )
 
 
-def subscribe(name: str) -> Subscriber:
+def subscribe(name: str, *, wait: Optional[float] = None) -> Subscriber:
     """Subscribes to channel ``name`` (any process of the same user): receives the messages
     published from now on.
 
-    >>> with zcbuf.subscribe("camera") as sub:
+    Without ``wait``, a channel that does not exist is ``NotFoundError`` and one whose stream
+    has ended (its publisher closed it, or died) is ``ChannelClosed``. With ``wait`` (seconds),
+    both are waited out — a consumer started before its producer, or reconnecting after the
+    producer restarted — until the channel is there with a live publisher, else
+    :class:`zcbuf.Timeout`.
+
+    >>> with zcbuf.subscribe("camera", wait=30) as sub:
     ...     for frame in sub:           # ends when the publisher closes the stream (or dies)
     ...         process(frame)
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, not {type(name).__name__}")
-    out = ffi.new("uint64_t *")
-    desc = ffi.new("zcbuf_channel_t *")
-    check(lib.zcbuf_subscribe(name.encode("utf-8"), out, desc))
-    return Subscriber(out[0], name, desc)
+    deadline = None if wait is None or wait == math.inf else _monotonic() + wait
+    pause = 0.0005
+    while True:
+        out = ffi.new("uint64_t *")
+        desc = ffi.new("zcbuf_channel_t *")
+        try:
+            check(lib.zcbuf_subscribe(name.encode("utf-8"), out, desc))
+            return Subscriber(out[0], name, desc)
+        except (NotFoundError, ChannelClosed) as e:
+            if wait is None:
+                raise
+            if deadline is not None and _monotonic() >= deadline:
+                raise Timeout(f"channel {name!r}: no live channel of that name within {wait} s "
+                              f"({e})") from None
+        time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - _monotonic())))
+        pause = min(pause * 2, 0.02)
 
 
 Channel = Union[Publisher, Subscriber]

@@ -208,3 +208,109 @@ def test_recv_async_cancelled_many_times_loses_nothing():
     assert got == list(range(300))
     sub.close()
     pub.close()
+
+
+# -- from the new-user trial -----------------------------------------------------------------
+
+PRODUCER = """
+import sys, time, numpy as np, zcbuf
+pub = zcbuf.publish((4,), "i8", slots=4, name=sys.argv[1])
+print("up", flush=True)
+i = 0
+while True:
+    pub.send(np.full(4, i, "i8"), timeout=60)
+    i += 1
+    time.sleep(0.002)
+"""
+
+
+def test_restarted_producer_replaces_a_channel_its_consumers_still_hold():
+    """A producer killed with -9 and started again publishes under the same name while the old
+    consumer still holds the old channel (its Subscriber and last frame); the consumer learns
+    the old stream died, and reconnects with subscribe(wait=)."""
+    name = uname("restart")
+
+    def start():
+        p = subprocess.Popen([sys.executable, "-c", PRODUCER, name], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline() == "up\n"
+        return p
+
+    p1 = start()
+    sub = zcbuf.subscribe(name, wait=10)
+    last = sub.recv(timeout=10)
+    p1.kill()
+    p1.wait()
+    with pytest.raises(zcbuf.ChannelClosed, match="died"):
+        while True:
+            last = sub.recv(timeout=10)
+    # The old channel is still held here (sub, last): a new producer replaces its name anyway.
+    p2 = start()
+    try:
+        with pytest.raises(zcbuf.ChannelClosed, match="died"):
+            sub.recv(timeout=1)  # the old stream stays over
+        sub2 = zcbuf.subscribe(name, wait=10)
+        first = sub2.recv(timeout=10)
+        assert first.shape == (4,) and last.shape == (4,)
+        sub2.close()
+    finally:
+        p2.kill()
+        p2.wait()
+    sub.close()
+    del last, first
+
+
+def test_subscribe_waits_for_a_producer_that_starts_later():
+    name = uname("later")
+    got = []
+    t = threading.Thread(target=lambda: got.append(zcbuf.subscribe(name, wait=10)))
+    t.start()
+    time.sleep(0.2)
+    with zcbuf.publish((1,), "u1", name=name) as pub:
+        t.join(10)
+        assert got and got[0].name == name
+        pub.send(np.ones(1, "u1"))
+        assert got[0].recv(timeout=5)[0] == 1
+        got[0].close()
+    with pytest.raises(zcbuf.Timeout):
+        zcbuf.subscribe(uname("never"), wait=0.1)
+    with pytest.raises(zcbuf.NotFoundError):
+        zcbuf.subscribe(uname("never"))
+
+
+def test_close_wakes_a_task_in_recv_async_and_two_tasks_may_wait():
+    name = uname("aclose")
+    pub = zcbuf.publish((1,), "u1", slots=4, name=name)
+    sub = zcbuf.subscribe(name)
+
+    async def main():
+        a = asyncio.ensure_future(sub.recv_async())
+        b = asyncio.ensure_future(sub.recv_async())
+        await asyncio.sleep(0.1)
+        pub.send(np.array([1], "u1"))
+        pub.send(np.array([2], "u1"))
+        got = sorted(int(x[0]) for x in await asyncio.wait_for(asyncio.gather(a, b), 5))
+        c = asyncio.ensure_future(sub.recv_async())
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        sub.close()
+        with pytest.raises(zcbuf.ChannelClosed):
+            await asyncio.wait_for(c, 5)
+        return got, time.monotonic() - t0
+
+    got, took = asyncio.run(main())
+    assert got == [1, 2] and took < 1
+    pub.close()
+
+
+def test_timeouts_say_the_callers_timeout_and_who_holds_the_ring():
+    name = uname("tmo")
+    pub = zcbuf.publish((1,), "u1", slots=2, name=name)
+    slow = zcbuf.subscribe(name)
+    with pytest.raises(zcbuf.Timeout, match=r"within 0\.3 s"):
+        slow.recv(timeout=0.3)
+    pub.send(np.zeros(1, "u1"))
+    pub.send(np.zeros(1, "u1"))
+    with pytest.raises(zcbuf.Timeout, match=rf"within 0\.3 s: the slowest subscriber \(pid {os.getpid()}\)"):
+        pub.send(np.zeros(1, "u1"), timeout=0.3)
+    slow.close()
+    pub.close()
