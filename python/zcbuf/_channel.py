@@ -137,7 +137,7 @@ class Publisher:
     learn it from the kernel (within about 50 ms) after draining what was sent.
     """
 
-    __slots__ = ("_id", "_handle", "_name", "_shape", "_dtype", "_nbytes", "_count", "_slots", "_policy", "_seq", "__weakref__")
+    __slots__ = ("_id", "_handle", "_name", "_shape", "_dtype", "_nbytes", "_count", "_slots", "_policy", "_seq", "_seq_pool", "__weakref__")
 
     def __init__(self, id_: int, desc: Any) -> None:
         self._id = 0
@@ -152,6 +152,7 @@ class Publisher:
         self._count = math.prod(shape)
         self._slots, self._policy = slots, policy
         self._seq: Optional[int] = None
+        self._seq_pool: List[Any] = []
         self._id = id_
 
     @property
@@ -264,7 +265,10 @@ class Publisher:
             src = _from_buffer("uint8_t[]", a)
         except (BufferError, ValueError, TypeError):  # not contiguous
             src = _from_buffer("uint8_t[]", np.ascontiguousarray(a))
-        seq = _new("uint64_t *")  # per call: sends from several threads each get their own
+        # A result cell per call (sends from several threads each need their own), reused
+        # through a pool: list.pop and append are atomic under the GIL, ffi.new is slow.
+        pool = self._seq_pool
+        seq = pool.pop() if pool else _new("uint64_t *")
         if timeout is None:
             us, deadline = _SLICE_US, None
         else:
@@ -273,11 +277,13 @@ class Publisher:
         while st == _ETIMEDOUT:
             us = _next_slice(deadline)
             if us < 0:
+                pool.append(seq)
                 raise self._full(timeout)
             st = _send_copy(pid, src, self._nbytes, us, seq)
+        s = int(seq[0])
+        pool.append(seq)
         if st:
             check(st)
-        s = int(seq[0])
         self._seq = s
         return s
 
@@ -443,7 +449,7 @@ class Subscriber:
     keeping a message is safe. Iterating receives until the end of the stream.
     """
 
-    __slots__ = ("_id", "_name", "_shape", "_dtype", "_nbytes", "_count", "_flat", "_slots", "_policy", "_last", "_waiter", "__weakref__")
+    __slots__ = ("_id", "_name", "_shape", "_dtype", "_nbytes", "_count", "_flat", "_slots", "_policy", "_last", "_out_pool", "_waiter", "__weakref__")
 
     def __init__(self, id_: int, name: str, desc: Any) -> None:
         self._id = 0
@@ -454,6 +460,7 @@ class Subscriber:
         self._slots, self._policy = slots, policy
         self._flat = len(shape) == 1
         self._last: Any = None
+        self._out_pool: List[Any] = []
         self._waiter: Optional[_Waiter] = None
         self._id = id_
 
@@ -516,8 +523,10 @@ class Subscriber:
         :class:`zcbuf.Timeout`, and :class:`zcbuf.ChannelClosed` once every message sent
         before the publisher closed the stream (or died) has been received.
         """
-        # A message struct per call: recv from several threads must not share one.
-        return self._recv_into(timeout, _new("zcbuf_message_t *"))
+        # A message struct per call (recv from several threads must not share one), reused
+        # through a pool: list.pop and append are atomic under the GIL, ffi.new is slow.
+        pool = self._out_pool
+        return self._recv_into(timeout, pool.pop() if pool else _new("zcbuf_message_t *"))
 
     def _recv_into(self, timeout: Optional[float], out: Any) -> np.ndarray:
         sid = self._id
@@ -528,11 +537,13 @@ class Subscriber:
         while st == _ETIMEDOUT:
             us = _next_slice(deadline)
             if us < 0:
+                self._out_pool.append(out)
                 raise Timeout(f"channel {self._name!r}: no message came within {timeout} s")
             if self._id == 0:  # closed by another thread between two slices
                 raise ChannelClosed(f"subscriber of channel {self._name!r} was closed")
             st = _recv(sid, us, out)
         if st:
+            self._out_pool.append(out)
             check(st)
         return self._view(sid, out)
 
@@ -541,19 +552,24 @@ class Subscriber:
         sid = self._id
         if sid == 0:
             raise ChannelClosed(f"subscriber of channel {self._name!r} is closed")
-        out = _new("zcbuf_message_t *")
+        pool = self._out_pool
+        out = pool.pop() if pool else _new("zcbuf_message_t *")
         st = _recv(sid, 0, out)
-        if st == _ETIMEDOUT:
-            return None
         if st:
+            pool.append(out)
+            if st == _ETIMEDOUT:
+                return None
             check(st)
         return self._view(sid, out)
 
     def _view(self, sid: int, out: Any) -> np.ndarray:
-        self._last = out  # seq, timestamp and missed are read from it when asked for
         slot = out.slot
+        ptr = out.ptr  # both read before `out` can be handed to another call
+        prev, self._last = self._last, out  # seq, timestamp and missed are read from it
+        if prev is not None:
+            self._out_pool.append(prev)
         # The slot stays pinned until this array and every view of it are gone.
-        cd = _gc(out.ptr, lambda _c: _release(sid, slot))
+        cd = _gc(ptr, lambda _c: _release(sid, slot))
         a = _frombuffer(memoryview(_ffi_buffer(cd, self._nbytes)).toreadonly(), self._dtype, self._count)
         return a if self._flat else a.reshape(self._shape)
 
