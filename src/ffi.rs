@@ -1002,6 +1002,25 @@ fn describe(
     d
 }
 
+/// Writes a new endpoint's handle, and its description when `out_desc` is not NULL.
+///
+/// # Safety
+/// `out_id` valid for a write (checked non-NULL by the caller); `out_desc` NULL or valid for a
+/// write.
+unsafe fn put_endpoint(
+    out_id: *mut u64,
+    id: u64,
+    out_desc: *mut ZcbufChannel,
+    desc: ZcbufChannel,
+) -> Result<()> {
+    if !out_desc.is_null() {
+        // SAFETY: non-NULL; the caller guarantees it is writable.
+        unsafe { out_desc.write(desc) };
+    }
+    // SAFETY: the caller guarantees `out_id` is writable; `put` checks NULL.
+    unsafe { put(out_id, id, "out_id") }
+}
+
 /// A timeout in microseconds from C: negative waits forever.
 fn micros(t: i64) -> Option<std::time::Duration> {
     u64::try_from(t).ok().map(std::time::Duration::from_micros)
@@ -1060,12 +1079,8 @@ pub unsafe extern "C" fn zcbuf_publish(
         let p = crate::channel::Publisher::create(name, meta, slots, policy, subs)?;
         let desc = describe(p.meta(), p.msg_len(), p.slots(), p.policy());
         let id = crate::channel::handles::add_pub(p);
-        if !out_desc.is_null() {
-            // SAFETY: non-NULL; the caller guarantees it is writable.
-            unsafe { out_desc.write(desc) };
-        }
-        // SAFETY: checked non-NULL above.
-        unsafe { put(out_pub, id, "out_pub") }
+        // SAFETY: `out_pub` checked non-NULL, `out_desc` NULL or writable (the caller's word).
+        unsafe { put_endpoint(out_pub, id, out_desc, desc) }
     })
 }
 
@@ -1221,12 +1236,8 @@ pub unsafe extern "C" fn zcbuf_subscribe(
         let s = crate::channel::Subscriber::open(name)?;
         let desc = describe(s.meta(), s.msg_len(), s.slots(), s.policy());
         let id = crate::channel::handles::add_sub(s);
-        if !out_desc.is_null() {
-            // SAFETY: non-NULL; the caller guarantees it is writable.
-            unsafe { out_desc.write(desc) };
-        }
-        // SAFETY: checked non-NULL above.
-        unsafe { put(out_sub, id, "out_sub") }
+        // SAFETY: `out_sub` checked non-NULL, `out_desc` NULL or writable (the caller's word).
+        unsafe { put_endpoint(out_sub, id, out_desc, desc) }
     })
 }
 

@@ -86,6 +86,16 @@ def _root(mem: Any, kind: str, name: Optional[str], path: Optional[str], readonl
     return r
 
 
+def array_protocol(a: np.ndarray, dtype: Any, copy: Optional[bool]) -> np.ndarray:
+    """NumPy's ``__array__(dtype, copy)`` contract over ``a``: a conversion or ``copy=True``
+    copies; ``copy=False`` never does (a conversion is then a ``ValueError``)."""
+    if dtype is not None and np.dtype(dtype) != a.dtype:
+        if copy is False:
+            raise ValueError(f"converting {a.dtype} to {np.dtype(dtype)} needs a copy, but copy=False")
+        return a.astype(dtype)
+    return a.copy() if copy else a
+
+
 def _descr_loses(dt: np.dtype) -> bool:
     try:
         return bool(np.dtype(dt.descr) != dt)
@@ -414,14 +424,7 @@ class Buffer(ExportBase):  # type: ignore[misc, valid-type]
         return np.frombuffer(mem, dtype=dt, count=math.prod(shp)).reshape(shp)
 
     def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
-        a = self.asarray()
-        if dtype is not None and np.dtype(dtype) != a.dtype:
-            if copy is False:
-                raise ValueError(
-                    f"converting {a.dtype} to {np.dtype(dtype)} needs a copy, but copy=False"
-                )
-            return a.astype(dtype)
-        return a.copy() if copy else a
+        return array_protocol(self.asarray(), dtype, copy)
 
     # -- interop: the buffer protocol, __array_interface__, DLPack -----------------------------
     #

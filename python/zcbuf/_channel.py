@@ -85,6 +85,48 @@ def _describe(desc: Any) -> Tuple[Tuple[int, ...], np.dtype, int, int, str]:
     return shape, dt, int(desc.msg_len), int(desc.slots), _POLICY_NAMES.get(desc.policy, "?")
 
 
+class _Endpoint:
+    """What publishers and subscribers share: the channel's name and message type."""
+
+    __slots__ = ()
+    _id: int
+    _name: str
+    _shape: Tuple[int, ...]
+    _dtype: np.dtype
+    _slots: int
+    _policy: str
+
+    @property
+    def name(self) -> str:
+        """The channel's name (what :func:`subscribe` takes)."""
+        return self._name
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """The shape of every message."""
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of every message."""
+        return self._dtype
+
+    @property
+    def slots(self) -> int:
+        """Number of slots in the ring."""
+        return self._slots
+
+    @property
+    def policy(self) -> str:
+        """``"block"`` or ``"latest"``."""
+        return self._policy
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._id == 0
+
+
 class _Loan:
     """The context manager :meth:`Publisher.loan` returns: yields a writable array over a free
     slot; on a normal exit sends it, on an exception gives the slot back unsent."""
@@ -129,7 +171,7 @@ class _Loan:
         self._pub._seq = int(seq[0])
 
 
-class Publisher:
+class Publisher(_Endpoint):
     """The publishing end of a channel; see :func:`publish`.
 
     Use it as a context manager, or call :meth:`close`, to end the stream: subscribers receive
@@ -156,39 +198,9 @@ class Publisher:
         self._id = id_
 
     @property
-    def name(self) -> str:
-        """The channel's name: what subscribers pass to :func:`subscribe`."""
-        return self._name
-
-    @property
-    def shape(self) -> Tuple[int, ...]:
-        """The shape of every message."""
-        return self._shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of every message."""
-        return self._dtype
-
-    @property
-    def slots(self) -> int:
-        """Number of slots in the ring."""
-        return self._slots
-
-    @property
-    def policy(self) -> str:
-        """``"block"`` or ``"latest"``."""
-        return self._policy
-
-    @property
     def seq(self) -> Optional[int]:
         """Sequence number of the last message sent (None before the first)."""
         return self._seq
-
-    @property
-    def closed(self) -> bool:
-        """True after :meth:`close`."""
-        return self._id == 0
 
     def _check_open(self) -> None:
         if self._id == 0:
@@ -441,7 +453,7 @@ class _Waiter:
                 return
 
 
-class Subscriber:
+class Subscriber(_Endpoint):
     """The receiving end of a channel; see :func:`subscribe`.
 
     ``recv()`` returns a read-only array over the slot the message was written in: no copy,
@@ -465,31 +477,6 @@ class Subscriber:
         self._id = id_
 
     @property
-    def name(self) -> str:
-        """The channel's name."""
-        return self._name
-
-    @property
-    def shape(self) -> Tuple[int, ...]:
-        """The shape of every message."""
-        return self._shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The dtype of every message."""
-        return self._dtype
-
-    @property
-    def slots(self) -> int:
-        """Number of slots in the ring."""
-        return self._slots
-
-    @property
-    def policy(self) -> str:
-        """``"block"`` or ``"latest"``."""
-        return self._policy
-
-    @property
     def seq(self) -> Optional[int]:
         """Sequence number of the last message received (None before the first)."""
         return None if self._last is None else int(self._last.seq)
@@ -510,10 +497,6 @@ class Subscriber:
         """Messages skipped so far because this subscriber was behind (policy ``"latest"``)."""
         return 0 if self._last is None else int(self._last.missed)
 
-    @property
-    def closed(self) -> bool:
-        """True after :meth:`close`."""
-        return self._id == 0
 
     def recv(self, timeout: Optional[float] = None) -> np.ndarray:
         """The next message, as a read-only array over its slot.

@@ -15,7 +15,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from ._buffer import Buffer, _Mem, open, open_file
+from ._buffer import Buffer, _Mem, array_protocol, open, open_file
 from ._errors import InvalidArgumentError, NotFoundError
 from ._native import ffi
 
@@ -142,14 +142,7 @@ class SharedView:
         return (_rebuild, _spec(self.array))
 
     def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
-        a = self.array
-        if dtype is not None and np.dtype(dtype) != a.dtype:
-            if copy is False:
-                raise ValueError(
-                    f"converting {a.dtype} to {np.dtype(dtype)} needs a copy, but copy=False"
-                )
-            return a.astype(dtype)
-        return a.copy() if copy else a
+        return array_protocol(self.array, dtype, copy)
 
     def __repr__(self) -> str:
         kind, where, ro, off, shape, strides, dt = _spec(self.array)
