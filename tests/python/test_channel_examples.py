@@ -22,13 +22,17 @@ from typing import List
 
 import pytest
 
+import zcbuf  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 BIN = ROOT / "target" / "release" / "examples"
 LIB_DIR = ROOT / "target" / "release"
 PREFIX = f"chtest-ex-{os.getpid()}-"
 ENV = dict(os.environ)
-ENV["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python")] +
+# Children import the zcbuf this test imported (the installed package, or a development tree
+# on PYTHONPATH), never the source tree, which has no built native module.
+ENV["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(zcbuf.__file__))] +
                                     ([ENV["PYTHONPATH"]] if ENV.get("PYTHONPATH") else []))
 ENV["LD_LIBRARY_PATH"] = os.pathsep.join([str(LIB_DIR)] +
                                          ([ENV["LD_LIBRARY_PATH"]] if ENV.get("LD_LIBRARY_PATH") else []))

@@ -29,9 +29,10 @@ import zcbuf
 PREFIX = f"chtest-{os.getpid()}-"
 _count = itertools.count()
 PYENV = dict(os.environ)
+# Children import the zcbuf this test imported (the installed package, or a development tree
+# on PYTHONPATH), never the source tree, which has no built native module.
 PYENV["PYTHONPATH"] = os.pathsep.join(
-    [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                  "python")] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    [os.path.dirname(os.path.dirname(zcbuf.__file__))] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
 
 def fresh(tag: str) -> str:
