@@ -532,6 +532,35 @@ impl Registry {
     }
 }
 
+fn check_range(len: usize, off: usize, n: usize) -> Result<()> {
+    match off.checked_add(n) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "range {off}..{off}+{n} is outside the {len}-byte buffer"
+        ))),
+    }
+}
+
+/// Copies `src` to `off` of the `len` writable bytes at `ptr` (a lease's memory), range checked.
+fn copy_in(ptr: NonNull<u8>, len: usize, off: usize, src: &[u8]) -> Result<()> {
+    check_range(len, off, src.len())?;
+    // SAFETY: the callers are leases, whose mapping stays mapped while they live, and which
+    // checked it writable; the range was checked to lie inside it; `src` is Rust memory,
+    // distinct from a mapping zcbuf made, so they do not overlap; no reference to the mapped
+    // bytes is made.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.as_ptr().add(off), src.len()) };
+    Ok(())
+}
+
+/// Copies bytes at `off` of the `len` readable bytes at `ptr` into `dst`, range checked.
+fn copy_out(ptr: NonNull<u8>, len: usize, off: usize, dst: &mut [u8]) -> Result<()> {
+    check_range(len, off, dst.len())?;
+    // SAFETY: as for `copy_in`, reading: the mapping is kept and readable, the range inside it;
+    // `dst` is distinct Rust memory; every byte value is a valid `u8`.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) };
+    Ok(())
+}
+
 /// A lease on a buffer's memory that is released when dropped.
 ///
 /// Memory of shared and file buffers may be written by other processes at any time, so a lease
@@ -570,39 +599,17 @@ impl Lease<'_> {
         self.readonly || self.mapped.sealed_here()
     }
 
-    fn check(&self, off: usize, n: usize) -> Result<()> {
-        match off.checked_add(n) {
-            Some(end) if end <= self.len => Ok(()),
-            _ => Err(Error::InvalidArgument(format!(
-                "range {off}..{off}+{n} is outside the {}-byte buffer",
-                self.len
-            ))),
-        }
-    }
-
     /// Copies `src` into the buffer at `off`.
     pub fn write_at(&self, off: usize, src: &[u8]) -> Result<()> {
         if self.readonly() {
             return Err(read_only(self.id, &self.mapped));
         }
-        self.check(off, src.len())?;
-        // SAFETY: the range was checked to lie inside the mapping, which the lease keeps mapped;
-        // it is writable (not read-only); `src` is a distinct Rust slice, so no overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
-        };
-        Ok(())
+        copy_in(self.ptr, self.len, off, src)
     }
 
     /// Copies bytes from the buffer at `off` into `dst`.
     pub fn read_at(&self, off: usize, dst: &mut [u8]) -> Result<()> {
-        self.check(off, dst.len())?;
-        // SAFETY: the range lies inside the mapping, which the lease keeps mapped and readable;
-        // `dst` is a distinct Rust slice.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
-        };
-        Ok(())
+        copy_out(self.ptr, self.len, off, dst)
     }
 }
 
@@ -708,40 +715,17 @@ impl OwnedLease {
         &self.mapped
     }
 
-    fn check(&self, off: usize, n: usize) -> Result<()> {
-        match off.checked_add(n) {
-            Some(end) if end <= self.len => Ok(()),
-            _ => Err(Error::InvalidArgument(format!(
-                "range {off}..{off}+{n} is outside the {}-byte buffer",
-                self.len
-            ))),
-        }
-    }
-
     /// Copies `src` into the buffer at byte offset `off`.
     pub fn write_at(&self, off: usize, src: &[u8]) -> Result<()> {
         if self.readonly() {
             return Err(read_only(self.id, &self.mapped));
         }
-        self.check(off, src.len())?;
-        // SAFETY: the range was checked to lie inside the mapping, which `self.mapped` keeps
-        // mapped; it is writable (not read-only); `src` is Rust memory, distinct from a mapping
-        // zcbuf made, so they do not overlap; no reference to the mapped bytes is made.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
-        };
-        Ok(())
+        copy_in(self.ptr, self.len, off, src)
     }
 
     /// Copies bytes from the buffer at byte offset `off` into `dst`.
     pub fn read_at(&self, off: usize, dst: &mut [u8]) -> Result<()> {
-        self.check(off, dst.len())?;
-        // SAFETY: the range lies inside the mapping, which `self.mapped` keeps mapped and
-        // readable; `dst` is distinct Rust memory; every byte value is a valid `u8`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
-        };
-        Ok(())
+        copy_out(self.ptr, self.len, off, dst)
     }
 }
 
